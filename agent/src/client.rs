@@ -1,0 +1,483 @@
+//! The stream to the collector: mTLS channel, Hello/Welcome, config updates, result batches, acks.
+//!
+//! One task owns the connection and reconnects with capped exponential backoff. Results are read
+//! from the outbox (never from memory), so after any reconnect sending starts again at the first
+//! unacknowledged seq and the collector de-duplicates on (node, epoch, seq).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::sync::{Mutex, Notify, mpsc, watch};
+use tokio::time::Instant;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use vigil_proto::agent_message::Msg as Out;
+use vigil_proto::agent_service_client::AgentServiceClient;
+use vigil_proto::collector_message::Msg as In;
+use vigil_proto::{
+    AgentMessage, Capabilities, CheckResult, CollectorMessage, CommandResult, ConfigUpdate, Hello,
+    Pong, ResultBatch,
+};
+
+use crate::backoff::Backoff;
+use crate::cache::ConfigCache;
+use crate::config::AgentConfig;
+use crate::outbox::Outbox;
+use crate::scheduler::Scheduler;
+
+/// Most results in one `ResultBatch`.
+pub const MAX_BATCH: usize = 500;
+/// Most results sent and not yet acknowledged (flow control).
+pub const MAX_IN_FLIGHT: u64 = 5000;
+/// The stream is dropped when nothing at all arrives from the collector for this long.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// Where the connection to the collector stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConnState {
+    /// Connecting (or about to); no Welcome yet.
+    Connecting,
+    /// Welcome received from the collector, which calls this node `node`.
+    Connected { node: String },
+    /// The collector rejected this agent (wrong node name, certificate not accepted).
+    Refused { reason: String },
+    /// Not connected, waiting before the next attempt.
+    Disconnected { reason: String },
+}
+
+/// Errors setting up the client (bad TLS files, bad URL).
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot read {what} {path}: {source}")]
+    ReadFile {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{what} {path} is not usable: {reason}")]
+    BadFile {
+        what: &'static str,
+        path: PathBuf,
+        reason: String,
+    },
+    #[error("collector url {url:?}: {reason}")]
+    Url { url: String, reason: String },
+}
+
+/// Builds the mTLS endpoint; every TLS file is read and checked here so that a bad one fails the
+/// start with an error naming it.
+pub fn build_endpoint(config: &AgentConfig) -> Result<Endpoint, ClientError> {
+    let ca = read_file("CA certificate", &config.tls.ca)?;
+    let cert = read_file("client certificate", &config.tls.cert)?;
+    let key = read_file("private key", &config.tls.key)?;
+    check_certs("CA certificate", &config.tls.ca, &ca)?;
+    check_certs("client certificate", &config.tls.cert, &cert)?;
+    if let Err(e) = PrivateKeyDer::from_pem_slice(&key) {
+        return Err(ClientError::BadFile {
+            what: "private key",
+            path: config.tls.key.clone(),
+            reason: format!("no PEM private key found ({e})"),
+        });
+    }
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(&ca))
+        .identity(Identity::from_pem(&cert, &key))
+        .domain_name(config.server_name());
+    let url = config.collector.url.clone();
+    let endpoint = Endpoint::from_shared(url.clone())
+        .map_err(|e| ClientError::Url {
+            url: url.clone(),
+            reason: describe(&e),
+        })?
+        .connect_timeout(config.collector.connect_timeout)
+        .http2_keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_timeout(Duration::from_secs(20))
+        .keep_alive_while_idle(true)
+        .tcp_nodelay(true)
+        .user_agent(format!("vigil-agent/{}", env!("CARGO_PKG_VERSION")))
+        .map_err(|e| ClientError::Url {
+            url: url.clone(),
+            reason: describe(&e),
+        })?;
+    endpoint.tls_config(tls).map_err(|e| ClientError::BadFile {
+        what: "client certificate and key",
+        path: config.tls.cert.clone(),
+        reason: format!(
+            "rejected together with {} and {}: {}",
+            config.tls.key.display(),
+            config.tls.ca.display(),
+            describe(&e)
+        ),
+    })
+}
+
+fn read_file(what: &'static str, path: &Path) -> Result<Vec<u8>, ClientError> {
+    std::fs::read(path).map_err(|source| ClientError::ReadFile {
+        what,
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+fn check_certs(what: &'static str, path: &Path, pem: &[u8]) -> Result<(), ClientError> {
+    let mut n = 0;
+    for c in CertificateDer::pem_slice_iter(pem) {
+        if let Err(e) = c {
+            return Err(ClientError::BadFile {
+                what,
+                path: path.to_path_buf(),
+                reason: format!("bad PEM: {e}"),
+            });
+        }
+        n += 1;
+    }
+    if n == 0 {
+        return Err(ClientError::BadFile {
+            what,
+            path: path.to_path_buf(),
+            reason: "no PEM certificate found".into(),
+        });
+    }
+    Ok(())
+}
+
+/// An error and all its sources, joined by ": " (tonic's own messages say little alone).
+pub(crate) fn describe(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts: Vec<String> = vec![e.to_string()];
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+        source = s.source();
+    }
+    parts.join(": ")
+}
+
+/// How a session ended.
+enum SessionEnd {
+    Shutdown,
+    Failed { welcomed: bool, failure: Failure },
+}
+
+enum Failure {
+    /// The collector said this agent is not allowed (PermissionDenied / Unauthenticated).
+    Refused(String),
+    /// Anything else: connection failed or lost.
+    Lost(String),
+}
+
+fn classify(status: &tonic::Status) -> Failure {
+    match status.code() {
+        tonic::Code::PermissionDenied | tonic::Code::Unauthenticated => {
+            Failure::Refused(format!("{:?}: {}", status.code(), status.message()))
+        }
+        code => {
+            let mut text = format!("{code:?}: {}", status.message());
+            if let Some(src) = std::error::Error::source(status) {
+                let more = describe(src);
+                if !text.contains(&more) {
+                    text = format!("{text}: {more}");
+                }
+            }
+            Failure::Lost(text)
+        }
+    }
+}
+
+/// The connection task and everything it needs.
+pub(crate) struct Client {
+    pub node: String,
+    pub endpoint: Endpoint,
+    pub outbox: Arc<Outbox>,
+    pub notify: Arc<Notify>,
+    pub scheduler: Arc<Mutex<Scheduler>>,
+    pub cache: ConfigCache,
+    pub state: watch::Sender<ConnState>,
+    pub backoff: Backoff,
+}
+
+impl Client {
+    /// Connects, serves the stream, and reconnects until `shutdown` turns true.
+    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+        loop {
+            if *shutdown.borrow() {
+                break;
+            }
+            self.state.send_replace(ConnState::Connecting);
+            let (welcomed, failure) = match self.session(&mut shutdown).await {
+                SessionEnd::Shutdown => break,
+                SessionEnd::Failed { welcomed, failure } => (welcomed, failure),
+            };
+            if welcomed {
+                self.backoff.reset();
+            }
+            let delay = self.backoff.next_delay();
+            let retry_in = humantime::format_duration(round_ms(delay)).to_string();
+            match failure {
+                Failure::Refused(reason) => {
+                    tracing::error!(
+                        node = %self.node,
+                        %retry_in,
+                        "collector refused this agent: {reason}; check node: in agent.yaml and the certificate"
+                    );
+                    self.state.send_replace(ConnState::Refused { reason });
+                }
+                Failure::Lost(reason) => {
+                    if welcomed {
+                        tracing::warn!(%reason, %retry_in, "connection to the collector lost");
+                    } else {
+                        tracing::warn!(%reason, %retry_in, "cannot connect to the collector");
+                    }
+                    self.state.send_replace(ConnState::Disconnected { reason });
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = shutdown.changed() => break,
+            }
+        }
+        self.state.send_replace(ConnState::Disconnected {
+            reason: "agent shut down".into(),
+        });
+    }
+
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Outbox) -> T + Send + 'static,
+    ) -> T {
+        let outbox = self.outbox.clone();
+        tokio::task::spawn_blocking(move || f(&outbox))
+            .await
+            .expect("outbox task panicked")
+    }
+
+    async fn hello(&self) -> Hello {
+        let first_unacked = self
+            .blocking(|o| o.first_unacked())
+            .await
+            .unwrap_or_else(|e| {
+                tracing::error!(error = %e, "cannot read the outbox");
+                None
+            })
+            .unwrap_or(0);
+        Hello {
+            node: self.node.clone(),
+            agent_version: env!("CARGO_PKG_VERSION").to_string(),
+            capabilities: Some(Capabilities {
+                docker: Path::new("/var/run/docker.sock").exists(),
+                systemd: Path::new("/run/systemd/system").exists(),
+                gpus: 0,
+                check_kinds: vigil_checks::KINDS.iter().map(|k| k.to_string()).collect(),
+            }),
+            config_version: self.scheduler.lock().await.version(),
+            outbox_epoch: self.outbox.epoch(),
+            first_unacked_seq: first_unacked,
+        }
+    }
+
+    /// One connection, from connect to the end of the stream.
+    async fn session(&mut self, shutdown: &mut watch::Receiver<bool>) -> SessionEnd {
+        let lost = |welcomed, reason: String| SessionEnd::Failed {
+            welcomed,
+            failure: Failure::Lost(reason),
+        };
+        let channel: Channel = tokio::select! {
+            c = self.endpoint.connect() => match c {
+                Ok(c) => c,
+                Err(e) => return lost(false, describe(&e)),
+            },
+            _ = shutdown.changed() => return SessionEnd::Shutdown,
+        };
+        let mut client = AgentServiceClient::new(channel)
+            .max_decoding_message_size(vigil_proto::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(vigil_proto::MAX_MESSAGE_BYTES);
+
+        let hello = self.hello().await;
+        tracing::debug!(
+            config_version = hello.config_version,
+            first_unacked_seq = hello.first_unacked_seq,
+            "sending hello"
+        );
+        let first_unacked = hello.first_unacked_seq;
+        let (tx, rx) = mpsc::channel::<AgentMessage>(16);
+        let _ = tx
+            .send(AgentMessage {
+                msg: Some(Out::Hello(hello)),
+            })
+            .await;
+        let mut inbound = tokio::select! {
+            r = client.session(ReceiverStream::new(rx)) => match r {
+                Ok(resp) => resp.into_inner(),
+                Err(status) => return SessionEnd::Failed { welcomed: false, failure: classify(&status) },
+            },
+            _ = shutdown.changed() => return SessionEnd::Shutdown,
+        };
+
+        // Everything up to `acked` is gone from the outbox; everything up to `sent` was sent.
+        let mut acked = if first_unacked > 0 {
+            first_unacked - 1
+        } else {
+            self.blocking(|o| o.next_seq())
+                .await
+                .unwrap_or(1)
+                .saturating_sub(1)
+        };
+        let mut sent = acked;
+        let mut welcomed = false;
+        let mut want_send = true;
+        let mut last_rx = Instant::now();
+
+        loop {
+            let can_send = welcomed && want_send && sent.saturating_sub(acked) < MAX_IN_FLIGHT;
+            tokio::select! {
+                _ = shutdown.changed() => return SessionEnd::Shutdown,
+                msg = inbound.message() => {
+                    last_rx = Instant::now();
+                    let msg = match msg {
+                        Ok(Some(m)) => m,
+                        Ok(None) => return lost(welcomed, "the collector closed the stream".into()),
+                        Err(status) => return SessionEnd::Failed { welcomed, failure: classify(&status) },
+                    };
+                    match self.handle(msg, &tx, &mut welcomed, &mut acked).await {
+                        Ok(()) => {}
+                        Err(reason) => return lost(welcomed, reason),
+                    }
+                    sent = sent.max(acked);
+                    want_send = true;
+                }
+                _ = tokio::time::sleep_until(last_rx + IDLE_TIMEOUT) => {
+                    return lost(welcomed, format!(
+                        "nothing received from the collector for {}",
+                        humantime::format_duration(IDLE_TIMEOUT)
+                    ));
+                }
+                _ = self.notify.notified() => want_send = true,
+                permit = tx.reserve(), if can_send => {
+                    let Ok(permit) = permit else {
+                        return lost(welcomed, "the request stream closed".into());
+                    };
+                    let room = (MAX_IN_FLIGHT - sent.saturating_sub(acked)) as usize;
+                    let limit = room.min(MAX_BATCH);
+                    let after = sent;
+                    let batch: Vec<CheckResult> = match self.blocking(move |o| o.pending(after, limit)).await {
+                        Ok(b) => b,
+                        Err(e) => {
+                            tracing::error!(error = %e, "cannot read the outbox");
+                            return lost(welcomed, format!("cannot read the outbox: {e}"));
+                        }
+                    };
+                    match batch.last() {
+                        None => want_send = false,
+                        Some(last) => {
+                            let first = batch[0].seq;
+                            sent = last.seq;
+                            tracing::debug!(first, last = sent, count = batch.len(), "sending results");
+                            permit.send(AgentMessage {
+                                msg: Some(Out::Results(ResultBatch {
+                                    outbox_epoch: self.outbox.epoch(),
+                                    results: batch,
+                                })),
+                            });
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Handles one message from the collector; `Err` ends the session with that reason.
+    async fn handle(
+        &mut self,
+        msg: CollectorMessage,
+        tx: &mpsc::Sender<AgentMessage>,
+        welcomed: &mut bool,
+        acked: &mut u64,
+    ) -> Result<(), String> {
+        let send = |m: Out| {
+            let tx = tx.clone();
+            async move {
+                tx.send(AgentMessage { msg: Some(m) })
+                    .await
+                    .map_err(|_| "the request stream closed".to_string())
+            }
+        };
+        match msg.msg {
+            None => tracing::debug!("ignoring an empty or unknown message from the collector"),
+            Some(In::Welcome(w)) => {
+                if !*welcomed {
+                    *welcomed = true;
+                    tracing::info!(
+                        node = %w.node,
+                        collector_version = %w.collector_version,
+                        "connected to the collector"
+                    );
+                    self.state
+                        .send_replace(ConnState::Connected { node: w.node });
+                }
+            }
+            Some(In::Config(update)) => self.apply_config(update).await,
+            Some(In::Ack(ack)) => {
+                let (epoch, up_to) = (ack.outbox_epoch, ack.up_to_seq);
+                match self.blocking(move |o| o.ack(epoch, up_to)).await {
+                    Ok(deleted) => {
+                        tracing::debug!(up_to_seq = up_to, deleted, "results acknowledged");
+                        if epoch == self.outbox.epoch() {
+                            *acked = (*acked).max(up_to);
+                        }
+                    }
+                    Err(e) => tracing::error!(error = %e, up_to_seq = up_to, "cannot apply ack"),
+                }
+            }
+            Some(In::Ping(p)) => send(Out::Pong(Pong { nonce: p.nonce })).await?,
+            Some(In::Command(c)) => {
+                tracing::warn!(
+                    command_id = %c.command_id,
+                    service = %c.service_id,
+                    action = %c.action,
+                    "the collector sent a command, but this agent does not support commands yet"
+                );
+                send(Out::CommandResult(CommandResult {
+                    command_id: c.command_id,
+                    success: false,
+                    exit_code: -1,
+                    output: "commands are not supported by this agent yet".into(),
+                    duration_ms: 0,
+                }))
+                .await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn apply_config(&mut self, update: ConfigUpdate) {
+        let mut scheduler = self.scheduler.lock().await;
+        if update.version == scheduler.version() {
+            tracing::debug!(version = update.version, "config unchanged");
+            return;
+        }
+        tracing::info!(
+            version = update.version,
+            previous = scheduler.version(),
+            checks = update.checks.len(),
+            "new config from the collector"
+        );
+        let cache = self.cache.clone();
+        let to_store = update.clone();
+        match tokio::task::spawn_blocking(move || cache.store(&to_store)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "cannot cache the config; running it anyway"),
+            Err(e) => tracing::error!(error = %e, "cannot cache the config; running it anyway"),
+        }
+        scheduler.apply(&update).await;
+    }
+}
+
+fn round_ms(d: Duration) -> Duration {
+    Duration::from_millis(d.as_millis() as u64)
+}

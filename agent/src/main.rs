@@ -1,0 +1,57 @@
+//! `vigil-agent` binary: loads agent.yaml, runs the agent until SIGINT/SIGTERM.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Parser;
+use vigil_agent::{Agent, AgentConfig};
+
+/// Vigil agent: runs this node's checks (assigned by the collector, cached on disk), keeps every
+/// result in a durable local outbox, and streams them to the collector over mutual TLS.
+///
+/// Logging follows RUST_LOG (default: info), e.g. RUST_LOG=vigil_agent=debug.
+#[derive(Debug, Parser)]
+#[command(name = "vigil-agent", version)]
+struct Args {
+    /// Path of agent.yaml (node name, collector URL, TLS files, state dir; see config/agent.yaml).
+    #[arg(
+        long,
+        short,
+        env = "VIGIL_AGENT_CONFIG",
+        default_value = "/etc/vigil/agent.yaml"
+    )]
+    config: PathBuf,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    // Already installed is fine.
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+
+    let config = AgentConfig::load(&args.config)?;
+    let agent = Agent::start(config)
+        .await
+        .with_context(|| format!("cannot start the agent ({})", args.config.display()))?;
+
+    wait_for_signal().await?;
+    tracing::info!("shutting down");
+    agent.shutdown().await;
+    Ok(())
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r.context("cannot listen for SIGINT")?,
+        _ = term.recv() => {}
+    }
+    Ok(())
+}

@@ -1,0 +1,519 @@
+//! Runs the assigned checks: one task per check, jittered intervals, a global concurrency limit.
+//!
+//! Each outcome becomes a `CheckResult` that is committed to the outbox before the sender is
+//! woken, so no check ever waits on the collector.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rand::Rng;
+use tokio::sync::{Notify, Semaphore, oneshot};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use vigil_checks::{Attachments, CheckSpec, Outcome, Status};
+use vigil_proto::{CheckResult, ConfigUpdate};
+
+use crate::outbox::Outbox;
+
+/// Interval of a check whose spec cannot be read at all (its UNKNOWN result repeats this often).
+const FALLBACK_INTERVAL: Duration = Duration::from_secs(30);
+/// Upper bound of the random delay before a check's first run.
+const MAX_FIRST_DELAY: Duration = Duration::from_secs(2);
+
+/// State shared by the scheduler and its check tasks.
+struct Shared {
+    outbox: Arc<Outbox>,
+    notify: Arc<Notify>,
+    semaphore: Arc<Semaphore>,
+    /// Config version stamped on results.
+    version: AtomicU64,
+}
+
+/// One running check task.
+struct Task {
+    spec_json: String,
+    /// The attachment paths the spec uses and the bytes it was started with.
+    files: Vec<(String, Option<Vec<u8>>)>,
+    stop: oneshot::Sender<()>,
+    handle: JoinHandle<()>,
+}
+
+/// What a check task does each interval.
+enum Plan {
+    Run {
+        spec: Box<CheckSpec>,
+        files: Attachments,
+    },
+    /// The spec is unusable: report UNKNOWN with this message every `interval`.
+    Broken { interval: Duration, message: String },
+}
+
+impl Plan {
+    fn interval(&self) -> Duration {
+        match self {
+            Plan::Run { spec, .. } => spec.interval,
+            Plan::Broken { interval, .. } => *interval,
+        }
+    }
+}
+
+/// The set of running checks for the current config version.
+pub struct Scheduler {
+    shared: Arc<Shared>,
+    tasks: HashMap<String, Task>,
+    version: u64,
+}
+
+impl Scheduler {
+    /// A scheduler with no checks; results go to `outbox`, then `notify` wakes the sender.
+    pub fn new(outbox: Arc<Outbox>, notify: Arc<Notify>, max_concurrent_checks: usize) -> Self {
+        Scheduler {
+            shared: Arc::new(Shared {
+                outbox,
+                notify,
+                semaphore: Arc::new(Semaphore::new(max_concurrent_checks.max(1))),
+                version: AtomicU64::new(0),
+            }),
+            tasks: HashMap::new(),
+            version: 0,
+        }
+    }
+
+    /// Version of the config running now (0: none).
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
+    /// Service ids of the running checks, sorted.
+    pub fn services(&self) -> Vec<String> {
+        let mut ids: Vec<String> = self.tasks.keys().cloned().collect();
+        ids.sort();
+        ids
+    }
+
+    /// Switches to `update`: stops removed and changed checks, starts new and changed ones, and
+    /// leaves unchanged ones (same spec, same attachment bytes) running on their schedule.
+    pub async fn apply(&mut self, update: &ConfigUpdate) {
+        let files: Attachments = Arc::new(
+            update
+                .files
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        );
+        let mut wanted: HashMap<&str, &str> = HashMap::new();
+        for a in &update.checks {
+            if wanted
+                .insert(a.service_id.as_str(), a.spec_json.as_str())
+                .is_some()
+            {
+                tracing::warn!(
+                    service = %a.service_id,
+                    version = update.version,
+                    "config assigns the same service twice; the last assignment wins"
+                );
+            }
+        }
+
+        // Stop what is gone or changed.
+        let mut stopping = Vec::new();
+        let ids: Vec<String> = self.tasks.keys().cloned().collect();
+        for id in ids {
+            let keep = match (wanted.get(id.as_str()), self.tasks.get(&id)) {
+                (Some(spec_json), Some(task)) => {
+                    task.spec_json == *spec_json
+                        && task
+                            .files
+                            .iter()
+                            .all(|(p, bytes)| files.get(p) == bytes.as_ref())
+                }
+                _ => false,
+            };
+            if !keep && let Some(task) = self.tasks.remove(&id) {
+                tracing::debug!(service = %id, "stopping check");
+                let _ = task.stop.send(());
+                stopping.push(task.handle);
+            }
+        }
+        for h in stopping {
+            let _ = h.await;
+        }
+
+        self.version = update.version;
+        self.shared.version.store(update.version, Ordering::SeqCst);
+
+        let mut started = 0usize;
+        for (id, spec_json) in wanted {
+            if self.tasks.contains_key(id) {
+                continue;
+            }
+            let plan = plan_for(id, spec_json, &files);
+            let task_files = match &plan {
+                Plan::Run { spec, .. } => spec
+                    .attachments()
+                    .into_iter()
+                    .map(|p| {
+                        let bytes = files.get(&p).cloned();
+                        (p, bytes)
+                    })
+                    .collect(),
+                Plan::Broken { .. } => Vec::new(),
+            };
+            let (stop, stop_rx) = oneshot::channel();
+            let handle = tokio::spawn(run_check(
+                self.shared.clone(),
+                id.to_string(),
+                plan,
+                stop_rx,
+            ));
+            self.tasks.insert(
+                id.to_string(),
+                Task {
+                    spec_json: spec_json.to_string(),
+                    files: task_files,
+                    stop,
+                    handle,
+                },
+            );
+            started += 1;
+        }
+        tracing::info!(
+            version = update.version,
+            checks = self.tasks.len(),
+            started,
+            "applied config"
+        );
+    }
+
+    /// Stops every check and waits for the tasks to end (a run in progress is cancelled).
+    pub async fn stop_all(&mut self) {
+        let tasks: Vec<Task> = self.tasks.drain().map(|(_, t)| t).collect();
+        let mut handles = Vec::new();
+        for t in tasks {
+            let _ = t.stop.send(());
+            handles.push(t.handle);
+        }
+        for h in handles {
+            let _ = h.await;
+        }
+    }
+}
+
+/// Parses and validates a spec; anything unusable becomes a [`Plan::Broken`] explaining why.
+fn plan_for(service_id: &str, spec_json: &str, files: &Attachments) -> Plan {
+    let problem = match serde_json::from_str::<CheckSpec>(spec_json) {
+        Ok(spec) => match spec.validate() {
+            Ok(()) => {
+                return Plan::Run {
+                    spec: Box::new(spec),
+                    files: files.clone(),
+                };
+            }
+            Err(e) => format!("invalid check spec: {e}"),
+        },
+        Err(e) => format!("cannot read check spec: {e}"),
+    };
+    let message = format!(
+        "{problem}; this agent (vigil-agent {}) knows the check kinds: {}",
+        env!("CARGO_PKG_VERSION"),
+        vigil_checks::KINDS.join(", ")
+    );
+    tracing::error!(service = %service_id, reason = %message, "check cannot run on this agent");
+    Plan::Broken {
+        interval: interval_of(spec_json),
+        message,
+    }
+}
+
+/// Best-effort `interval` of a spec that does not parse as a whole.
+fn interval_of(spec_json: &str) -> Duration {
+    serde_json::from_str::<serde_json::Value>(spec_json)
+        .ok()
+        .and_then(|v| v.get("interval")?.as_str().map(str::to_string))
+        .and_then(|s| humantime::parse_duration(&s).ok())
+        .map(|d| d.max(Duration::from_secs(1)))
+        .unwrap_or(FALLBACK_INTERVAL)
+}
+
+/// Random delay before the first run: uniform in [0, min(interval, 2s)).
+pub(crate) fn first_delay(interval: Duration) -> Duration {
+    let max = interval.min(MAX_FIRST_DELAY);
+    if max.is_zero() {
+        return Duration::ZERO;
+    }
+    max.mul_f64(rand::rng().random_range(0.0..1.0))
+}
+
+/// `interval` with ±10 % jitter.
+pub(crate) fn jittered(interval: Duration) -> Duration {
+    interval.mul_f64(rand::rng().random_range(0.9..=1.1))
+}
+
+async fn run_check(
+    shared: Arc<Shared>,
+    service_id: String,
+    plan: Plan,
+    mut stop: oneshot::Receiver<()>,
+) {
+    let interval = plan.interval();
+    let mut next = Instant::now() + first_delay(interval);
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep_until(next) => {}
+            _ = &mut stop => return,
+        }
+        let permit = tokio::select! {
+            p = shared.semaphore.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => return,
+            },
+            _ = &mut stop => return,
+        };
+        let started = Instant::now();
+        let started_at = SystemTime::now();
+        let outcome = match &plan {
+            Plan::Run { spec, files } => tokio::select! {
+                o = spec.run(files) => o,
+                _ = &mut stop => return,
+            },
+            Plan::Broken { message, .. } => Outcome::new(Status::Unknown, message.clone()),
+        };
+        drop(permit);
+
+        let version = shared.version.load(Ordering::SeqCst);
+        let result = to_result(&service_id, started_at, &outcome, version);
+        let status = outcome.status;
+        let outbox = shared.outbox.clone();
+        match tokio::task::spawn_blocking(move || outbox.append(result)).await {
+            Ok(Ok(seq)) => {
+                tracing::debug!(seq, service = %service_id, %status, "check result stored");
+                shared.notify.notify_one();
+            }
+            Ok(Err(e)) => {
+                tracing::error!(service = %service_id, error = %e, "cannot store check result")
+            }
+            Err(e) => {
+                tracing::error!(service = %service_id, error = %e, "cannot store check result")
+            }
+        }
+
+        next = (started + jittered(interval)).max(Instant::now());
+    }
+}
+
+/// The wire form of one outcome (seq is assigned by the outbox).
+pub(crate) fn to_result(
+    service_id: &str,
+    started_at: SystemTime,
+    outcome: &Outcome,
+    config_version: u64,
+) -> CheckResult {
+    let started_at_ms = started_at
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0);
+    CheckResult {
+        seq: 0,
+        service_id: service_id.to_string(),
+        started_at_ms,
+        duration_ms: u32::try_from(outcome.duration.as_millis()).unwrap_or(u32::MAX),
+        status: vigil_proto::Status::from(outcome.status) as i32,
+        message: outcome.message.clone(),
+        metrics: outcome.metrics.iter().cloned().map(Into::into).collect(),
+        output: outcome.output.clone(),
+        config_version,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::outbox;
+    use vigil_proto::CheckAssignment;
+
+    fn setup(dir: &std::path::Path) -> (Arc<Outbox>, Arc<Notify>, Scheduler) {
+        let ob = Arc::new(Outbox::open(&dir.join(outbox::FILE_NAME), 10_000).unwrap());
+        let notify = Arc::new(Notify::new());
+        let s = Scheduler::new(ob.clone(), notify.clone(), 4);
+        (ob, notify, s)
+    }
+
+    fn update(version: u64, checks: &[(&str, &str)]) -> ConfigUpdate {
+        ConfigUpdate {
+            version,
+            checks: checks
+                .iter()
+                .map(|(id, spec)| CheckAssignment {
+                    service_id: id.to_string(),
+                    spec_json: spec.to_string(),
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    /// Polls the outbox until `pred` holds for its pending results, or panics after 20 s.
+    async fn wait_for(ob: &Arc<Outbox>, what: &str, pred: impl Fn(&[CheckResult]) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let ob2 = ob.clone();
+            let pending = tokio::task::spawn_blocking(move || ob2.pending(0, 100_000).unwrap())
+                .await
+                .unwrap();
+            if pred(&pending) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}: {pending:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    const TRUE: &str = r#"{"type":"command","argv":["/bin/true"],"interval":"1s"}"#;
+    const FALSE: &str = r#"{"type":"command","argv":["/bin/false"],"interval":"1s"}"#;
+
+    #[tokio::test]
+    async fn command_check_results_reach_the_outbox() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ob, notify, mut s) = setup(dir.path());
+        s.apply(&update(3, &[("ok", TRUE)])).await;
+        assert_eq!(s.version(), 3);
+        tokio::time::timeout(Duration::from_secs(20), notify.notified())
+            .await
+            .expect("no notification");
+        wait_for(&ob, "two results", |p| p.len() >= 2).await;
+        let p = ob.pending(0, 10).unwrap();
+        let r = &p[0];
+        assert_eq!(r.seq, 1);
+        assert_eq!(r.service_id, "ok");
+        assert_eq!(r.config_version, 3);
+        assert!(r.started_at_ms > 1_600_000_000_000);
+        assert_eq!(
+            r.status,
+            vigil_proto::Status::Ok as i32,
+            "/bin/true must be OK: {r:?}"
+        );
+        // Runs are about one interval apart (±10 %), never overlapping.
+        let gap = p[1].started_at_ms - p[0].started_at_ms;
+        assert!((850..=1500).contains(&gap), "gap {gap} ms");
+        s.stop_all().await;
+    }
+
+    #[tokio::test]
+    async fn unknown_kind_reports_unknown_with_known_kinds() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ob, _notify, mut s) = setup(dir.path());
+        s.apply(&update(
+            1,
+            &[("future", r#"{"type":"quantum","qubits":3,"interval":"1s"}"#)],
+        ))
+        .await;
+        wait_for(&ob, "an UNKNOWN result", |p| !p.is_empty()).await;
+        let r = &ob.pending(0, 1).unwrap()[0];
+        assert_eq!(r.status, vigil_proto::Status::Unknown as i32);
+        assert!(r.message.contains("quantum"), "{}", r.message);
+        for kind in vigil_checks::KINDS {
+            assert!(r.message.contains(kind), "{}", r.message);
+        }
+        s.stop_all().await;
+    }
+
+    #[tokio::test]
+    async fn invalid_spec_reports_unknown() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ob, _notify, mut s) = setup(dir.path());
+        // interval below the 1s minimum fails validate().
+        s.apply(&update(
+            1,
+            &[(
+                "bad",
+                r#"{"type":"command","argv":["/bin/true"],"interval":"10ms"}"#,
+            )],
+        ))
+        .await;
+        wait_for(&ob, "an UNKNOWN result", |p| !p.is_empty()).await;
+        let r = &ob.pending(0, 1).unwrap()[0];
+        assert_eq!(r.status, vigil_proto::Status::Unknown as i32);
+        assert!(r.message.contains("interval"), "{}", r.message);
+        s.stop_all().await;
+    }
+
+    #[tokio::test]
+    async fn new_config_replaces_only_changed_checks() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ob, _notify, mut s) = setup(dir.path());
+        s.apply(&update(
+            1,
+            &[("keep", TRUE), ("change", TRUE), ("drop", TRUE)],
+        ))
+        .await;
+        let keep_id = s.tasks["keep"].handle.id();
+        let change_id = s.tasks["change"].handle.id();
+        wait_for(&ob, "first results", |p| {
+            ["keep", "change", "drop"]
+                .iter()
+                .all(|id| p.iter().any(|r| r.service_id == *id))
+        })
+        .await;
+
+        s.apply(&update(
+            2,
+            &[("keep", TRUE), ("change", FALSE), ("new", TRUE)],
+        ))
+        .await;
+        assert_eq!(s.services(), ["change", "keep", "new"]);
+        assert_eq!(
+            s.tasks["keep"].handle.id(),
+            keep_id,
+            "unchanged check restarted"
+        );
+        assert_ne!(s.tasks["change"].handle.id(), change_id);
+
+        let after = ob.next_seq().unwrap();
+        wait_for(&ob, "results of version 2", |p| {
+            let v2: Vec<_> = p.iter().filter(|r| r.seq >= after).collect();
+            v2.iter().any(|r| r.service_id == "new")
+                && v2
+                    .iter()
+                    .any(|r| r.service_id == "keep" && r.config_version == 2)
+                && v2.iter().any(|r| r.service_id == "change")
+        })
+        .await;
+        let p = ob.pending(after - 1, 100_000).unwrap();
+        assert!(
+            p.iter().all(|r| r.service_id != "drop"),
+            "removed check still runs"
+        );
+        s.stop_all().await;
+        assert!(s.services().is_empty());
+    }
+
+    #[test]
+    fn jitter_and_first_delay_stay_in_bounds() {
+        for _ in 0..1000 {
+            let d = first_delay(Duration::from_secs(30));
+            assert!(d < Duration::from_secs(2));
+            let d = first_delay(Duration::from_millis(1500));
+            assert!(d < Duration::from_millis(1500));
+            let j = jittered(Duration::from_secs(10));
+            assert!(
+                j >= Duration::from_secs(9) && j <= Duration::from_secs(11),
+                "{j:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn interval_of_a_broken_spec() {
+        assert_eq!(
+            interval_of(r#"{"type":"x","interval":"5m"}"#),
+            Duration::from_secs(300)
+        );
+        assert_eq!(interval_of(r#"{"type":"x"}"#), FALLBACK_INTERVAL);
+        assert_eq!(interval_of("not json"), FALLBACK_INTERVAL);
+    }
+}

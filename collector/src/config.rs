@@ -1,0 +1,677 @@
+//! Collector configuration: `collector.yaml`, the nodes, and one YAML file per service, loaded and
+//! validated with errors that name the file, line and key.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use vigil_checks::CheckSpec;
+
+/// Environment variable that overrides `database.url`.
+pub const DATABASE_URL_ENV: &str = "VIGIL_DATABASE_URL";
+
+/// A configuration error, always with the file it is about.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: cannot read: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}{location}: {key}{message}")]
+    Parse {
+        path: PathBuf,
+        /// `:LINE:COLUMN`, or empty when the parser gave none.
+        location: String,
+        /// `key.path: `, or empty at the top level.
+        key: String,
+        message: String,
+    },
+    #[error("{path}: {field}: {reason}")]
+    Invalid {
+        path: PathBuf,
+        field: String,
+        reason: String,
+    },
+}
+
+fn invalid(path: &Path, field: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        path: path.to_path_buf(),
+        field: field.into(),
+        reason: reason.into(),
+    }
+}
+
+/// Parses YAML text into `T`, reporting the line, column and dotted key path of the first error.
+pub fn parse_yaml<T: serde::de::DeserializeOwned>(
+    path: &Path,
+    text: &str,
+) -> Result<T, ConfigError> {
+    let de = serde_norway::Deserializer::from_str(text);
+    serde_path_to_error::deserialize(de).map_err(|err| {
+        let key = err.path().to_string();
+        let inner = err.into_inner();
+        let location = inner
+            .location()
+            .map(|l| format!(":{}:{}", l.line(), l.column()))
+            .unwrap_or_default();
+        let mut message = inner.to_string();
+        // serde_norway appends " at line X column Y"; we already print the location up front.
+        if let Some(idx) = message.find(" at line ") {
+            message.truncate(idx);
+        }
+        ConfigError::Parse {
+            path: path.to_path_buf(),
+            location,
+            key: if key == "." || key.is_empty() {
+                String::new()
+            } else {
+                format!("{key}: ")
+            },
+            message,
+        }
+    })
+}
+
+fn read(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+fn default_grpc_listen() -> SocketAddr {
+    "0.0.0.0:7443".parse().expect("static address")
+}
+fn default_pool_size() -> usize {
+    8
+}
+fn default_services_dir() -> PathBuf {
+    PathBuf::from("services")
+}
+
+/// `collector.yaml` as written.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CollectorFile {
+    /// Address the agent gRPC stream (mTLS) listens on.
+    #[serde(default = "default_grpc_listen")]
+    pub grpc_listen: SocketAddr,
+    pub database: DatabaseConfig,
+    pub tls: TlsFiles,
+    /// Directory of service files (`*.yaml`, one service each), relative to collector.yaml.
+    #[serde(default = "default_services_dir")]
+    pub services_dir: PathBuf,
+    #[serde(default)]
+    pub nodes: Vec<NodeConfig>,
+    #[serde(default)]
+    pub defaults: Defaults,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseConfig {
+    /// `postgres://user@host:port/db`; the VIGIL_DATABASE_URL environment variable overrides it.
+    #[serde(default)]
+    pub url: Option<String>,
+    #[serde(default = "default_pool_size")]
+    pub pool_size: usize,
+}
+
+/// PEM files of the collector's TLS identity and the CA that signs agent certificates.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFiles {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// Node name; an agent's certificate carries it as its identity.
+    pub name: String,
+    /// Host name or IP, shown to operators (and used for SSH by agentless nodes later).
+    #[serde(default)]
+    pub address: String,
+    #[serde(default)]
+    pub description: String,
+}
+
+fn d_after() -> u32 {
+    3
+}
+fn d_recover_after() -> u32 {
+    2
+}
+fn d_max_restarts() -> u32 {
+    3
+}
+fn d_within() -> Duration {
+    Duration::from_secs(3600)
+}
+fn d_retry_after() -> Duration {
+    Duration::from_secs(3600)
+}
+
+/// Global defaults for every service's `on_failure`.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Defaults {
+    #[serde(default = "d_after")]
+    pub after: u32,
+    #[serde(default = "d_recover_after")]
+    pub recover_after: u32,
+    #[serde(default = "d_max_restarts")]
+    pub max_restarts: u32,
+    #[serde(default = "d_within", with = "humantime_serde")]
+    pub within: Duration,
+    #[serde(default = "d_retry_after", with = "humantime_serde")]
+    pub retry_after: Duration,
+}
+
+impl Default for Defaults {
+    fn default() -> Self {
+        Defaults {
+            after: d_after(),
+            recover_after: d_recover_after(),
+            max_restarts: d_max_restarts(),
+            within: d_within(),
+            retry_after: d_retry_after(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Category {
+    Api,
+    Web,
+    Container,
+    System,
+    Gpu,
+}
+
+impl Category {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Category::Api => "api",
+            Category::Web => "web",
+            Category::Container => "container",
+            Category::System => "system",
+            Category::Gpu => "gpu",
+        }
+    }
+}
+
+/// One service file as written.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceFile {
+    pub id: String,
+    #[serde(default)]
+    pub name: Option<String>,
+    pub category: Category,
+    pub node: String,
+    #[serde(default)]
+    pub description: String,
+    pub check: CheckSpec,
+    #[serde(default)]
+    pub control: Option<ControlSpec>,
+    #[serde(default)]
+    pub on_failure: OnFailureFile,
+}
+
+/// How the service is started, stopped and restarted (carried out by the remediation engine).
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControlSpec {
+    /// `agent`, `ssh` or `auto` (agent first, SSH when the agent is not connected).
+    #[serde(default)]
+    pub via: Via,
+    /// A Docker container controlled through the Docker Engine API.
+    #[serde(default)]
+    pub container: Option<String>,
+    /// Argument vectors run in order; never a shell string.
+    #[serde(default)]
+    pub start: Vec<Vec<String>>,
+    #[serde(default)]
+    pub stop: Vec<Vec<String>>,
+    #[serde(default)]
+    pub restart: Vec<Vec<String>>,
+    #[serde(default, with = "humantime_serde")]
+    pub timeout: Option<Duration>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Via {
+    Agent,
+    Ssh,
+    #[default]
+    Auto,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FailureAction {
+    #[default]
+    Notify,
+    Restart,
+}
+
+/// `on_failure:` as written; unset fields take the global defaults.
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct OnFailureFile {
+    #[serde(default)]
+    pub action: FailureAction,
+    pub after: Option<u32>,
+    pub recover_after: Option<u32>,
+    pub max_restarts: Option<u32>,
+    #[serde(default, with = "humantime_serde")]
+    pub within: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub retry_after: Option<Duration>,
+}
+
+/// Thresholds in force for one service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Thresholds {
+    pub after: u32,
+    pub recover_after: u32,
+}
+
+/// A service after loading: defaults applied, attachments read.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Service {
+    pub id: String,
+    pub name: String,
+    pub category: Category,
+    pub node: String,
+    pub description: String,
+    pub check: CheckSpec,
+    pub control: Option<ControlSpec>,
+    pub action: FailureAction,
+    pub thresholds: Thresholds,
+    pub max_restarts: u32,
+    pub within: Duration,
+    pub retry_after: Duration,
+    /// The file it came from.
+    pub source: PathBuf,
+}
+
+/// The whole loaded configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub path: PathBuf,
+    pub grpc_listen: SocketAddr,
+    pub database_url: String,
+    pub pool_size: usize,
+    pub tls: TlsFiles,
+    pub nodes: Vec<NodeConfig>,
+    pub services: Vec<Service>,
+    /// Bytes of files that checks upload, keyed by the path written in the spec.
+    pub attachments: HashMap<String, Vec<u8>>,
+}
+
+/// Largest attachment total shipped to one agent (bytes); the gRPC message limit is above it.
+pub const MAX_ATTACHMENT_BYTES: usize = 4 * 1024 * 1024;
+
+pub(crate) fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+}
+
+impl Config {
+    /// Loads `collector.yaml` and every service file. Any error refuses the whole config.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = read(path)?;
+        let file: CollectorFile = parse_yaml(path, &text)?;
+        let base = path.parent().unwrap_or(Path::new(".")).to_path_buf();
+        let resolve = |p: &Path| {
+            if p.is_absolute() {
+                p.to_path_buf()
+            } else {
+                base.join(p)
+            }
+        };
+
+        let database_url = std::env::var(DATABASE_URL_ENV)
+            .ok()
+            .filter(|s| !s.is_empty())
+            .or(file.database.url.clone())
+            .ok_or_else(|| {
+                invalid(
+                    path,
+                    "database.url",
+                    format!("missing (set it here or in {DATABASE_URL_ENV})"),
+                )
+            })?;
+        if file.database.pool_size == 0 {
+            return Err(invalid(path, "database.pool_size", "must be at least 1"));
+        }
+        if file.defaults.after == 0 || file.defaults.recover_after == 0 {
+            return Err(invalid(
+                path,
+                "defaults",
+                "after and recover_after must be at least 1",
+            ));
+        }
+        let mut seen = HashSet::new();
+        for (i, n) in file.nodes.iter().enumerate() {
+            if !valid_name(&n.name) {
+                return Err(invalid(
+                    path,
+                    format!("nodes[{i}].name"),
+                    format!(
+                        "{:?} is not a valid node name (letters, digits, - _ .)",
+                        n.name
+                    ),
+                ));
+            }
+            if !seen.insert(n.name.clone()) {
+                return Err(invalid(
+                    path,
+                    format!("nodes[{i}].name"),
+                    format!("duplicate node {:?}", n.name),
+                ));
+            }
+        }
+
+        let services_dir = resolve(&file.services_dir);
+        let mut files: Vec<PathBuf> = std::fs::read_dir(&services_dir)
+            .map_err(|source| ConfigError::Read {
+                path: services_dir.clone(),
+                source,
+            })?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")))
+            .collect();
+        files.sort();
+
+        let mut services = Vec::new();
+        let mut ids: BTreeMap<String, PathBuf> = BTreeMap::new();
+        let mut attachments = HashMap::new();
+        let mut attachment_bytes = 0usize;
+        for f in files {
+            let text = read(&f)?;
+            let sf: ServiceFile = parse_yaml(&f, &text)?;
+            let svc = Self::load_service(&f, sf, &file.defaults, &seen)?;
+            if let Some(other) = ids.insert(svc.id.clone(), f.clone()) {
+                return Err(invalid(
+                    &f,
+                    "id",
+                    format!(
+                        "duplicate service id {:?} (also in {})",
+                        svc.id,
+                        other.display()
+                    ),
+                ));
+            }
+            for a in svc.check.attachments() {
+                if attachments.contains_key(&a) {
+                    continue;
+                }
+                let p = resolve(Path::new(&a));
+                let bytes = std::fs::read(&p).map_err(|e| {
+                    invalid(
+                        &f,
+                        "check.request.multipart.file",
+                        format!("cannot read {}: {e}", p.display()),
+                    )
+                })?;
+                attachment_bytes += bytes.len();
+                if attachment_bytes > MAX_ATTACHMENT_BYTES {
+                    return Err(invalid(
+                        &f,
+                        "check.request.multipart.file",
+                        format!("attachments exceed {MAX_ATTACHMENT_BYTES} bytes in total"),
+                    ));
+                }
+                attachments.insert(a, bytes);
+            }
+            services.push(svc);
+        }
+
+        Ok(Config {
+            path: path.to_path_buf(),
+            grpc_listen: file.grpc_listen,
+            database_url,
+            pool_size: file.database.pool_size,
+            tls: TlsFiles {
+                ca: resolve(&file.tls.ca),
+                cert: resolve(&file.tls.cert),
+                key: resolve(&file.tls.key),
+            },
+            nodes: file.nodes,
+            services,
+            attachments,
+        })
+    }
+
+    fn load_service(
+        f: &Path,
+        sf: ServiceFile,
+        d: &Defaults,
+        nodes: &HashSet<String>,
+    ) -> Result<Service, ConfigError> {
+        if !valid_name(&sf.id) {
+            return Err(invalid(
+                f,
+                "id",
+                format!(
+                    "{:?} is not a valid service id (letters, digits, - _ ., at most 64)",
+                    sf.id
+                ),
+            ));
+        }
+        if !nodes.contains(&sf.node) {
+            let mut known: Vec<_> = nodes.iter().cloned().collect();
+            known.sort();
+            return Err(invalid(
+                f,
+                "node",
+                format!(
+                    "unknown node {:?}; nodes in collector.yaml: {}",
+                    sf.node,
+                    known.join(", ")
+                ),
+            ));
+        }
+        sf.check
+            .validate()
+            .map_err(|e| invalid(f, "check", e.to_string()))?;
+        if let Some(c) = &sf.control {
+            for (name, seq) in [
+                ("start", &c.start),
+                ("stop", &c.stop),
+                ("restart", &c.restart),
+            ] {
+                if seq.iter().any(|argv| argv.is_empty() || argv[0].is_empty()) {
+                    return Err(invalid(
+                        f,
+                        format!("control.{name}"),
+                        "every command needs a program",
+                    ));
+                }
+            }
+        }
+        let of = sf.on_failure;
+        let thresholds = Thresholds {
+            after: of.after.unwrap_or(d.after),
+            recover_after: of.recover_after.unwrap_or(d.recover_after),
+        };
+        if thresholds.after == 0 {
+            return Err(invalid(f, "on_failure.after", "must be at least 1"));
+        }
+        if thresholds.recover_after == 0 {
+            return Err(invalid(f, "on_failure.recover_after", "must be at least 1"));
+        }
+        Ok(Service {
+            name: sf.name.unwrap_or_else(|| sf.id.clone()),
+            id: sf.id,
+            category: sf.category,
+            node: sf.node,
+            description: sf.description,
+            check: sf.check,
+            control: sf.control,
+            action: of.action,
+            thresholds,
+            max_restarts: of.max_restarts.unwrap_or(d.max_restarts),
+            within: of.within.unwrap_or(d.within),
+            retry_after: of.retry_after.unwrap_or(d.retry_after),
+            source: f.to_path_buf(),
+        })
+    }
+
+    /// The services a node's agent runs.
+    pub fn services_of<'a>(&'a self, node: &'a str) -> impl Iterator<Item = &'a Service> + 'a {
+        self.services.iter().filter(move |s| s.node == node)
+    }
+
+    pub fn service(&self, id: &str) -> Option<&Service> {
+        self.services.iter().find(|s| s.id == id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const COLLECTOR: &str = "\
+database:
+  url: postgres://vigil@127.0.0.1:5432/vigil
+tls: { ca: certs/ca.pem, cert: certs/collector.pem, key: certs/collector.key }
+nodes:
+  - name: n1
+defaults:
+  after: 4
+";
+
+    fn setup(services: &[(&str, &str)]) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("services")).unwrap();
+        let path = dir.path().join("collector.yaml");
+        std::fs::write(&path, COLLECTOR).unwrap();
+        for (name, text) in services {
+            std::fs::write(dir.path().join("services").join(name), text).unwrap();
+        }
+        (dir, path)
+    }
+
+    fn load(path: &Path) -> Result<Config, ConfigError> {
+        Config::load(path)
+    }
+
+    const TCP: &str =
+        "id: db\ncategory: system\nnode: n1\ncheck:\n  type: tcp\n  address: 127.0.0.1:5432\n";
+
+    #[test]
+    fn good_config_applies_defaults_and_resolves_paths() {
+        let (dir, path) = setup(&[("db.yaml", TCP), ("notes.txt", "ignored")]);
+        let cfg = load(&path).unwrap();
+        assert_eq!(cfg.services.len(), 1);
+        let s = &cfg.services[0];
+        assert_eq!(s.name, "db");
+        assert_eq!(
+            s.thresholds,
+            Thresholds {
+                after: 4,
+                recover_after: 2
+            }
+        );
+        assert_eq!(s.check.interval, Duration::from_secs(30));
+        assert_eq!(cfg.tls.ca, dir.path().join("certs/ca.pem"));
+    }
+
+    #[test]
+    fn unknown_key_names_file_line_and_key() {
+        let bad = "id: db\ncategory: system\nnode: n1\ncheck:\n  type: tcp\n  address: 127.0.0.1:5432\n  adress: x\n";
+        let (_dir, path) = setup(&[("db.yaml", bad)]);
+        let err = load(&path).unwrap_err().to_string();
+        assert!(err.contains("db.yaml:"), "{err}");
+        assert!(err.contains("adress"), "{err}");
+        assert!(
+            err.contains(":4:") || err.contains(":7:"),
+            "line missing: {err}"
+        );
+        assert!(err.contains("check"), "key path missing: {err}");
+    }
+
+    #[test]
+    fn unknown_check_kind_lists_the_kinds() {
+        let bad = "id: db\ncategory: system\nnode: n1\ncheck:\n  type: ping\n";
+        let (_dir, path) = setup(&[("db.yaml", bad)]);
+        let err = load(&path).unwrap_err().to_string();
+        assert!(
+            err.contains("ping") && err.contains("http") && err.contains("tcp"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn unknown_node_and_duplicate_ids_are_refused() {
+        let other = TCP.replace("node: n1", "node: n9");
+        let (_dir, path) = setup(&[("db.yaml", &other)]);
+        let err = load(&path).unwrap_err().to_string();
+        assert!(
+            err.contains("unknown node \"n9\"") && err.contains("n1"),
+            "{err}"
+        );
+
+        let (_dir, path) = setup(&[("a.yaml", TCP), ("b.yaml", TCP)]);
+        let err = load(&path).unwrap_err().to_string();
+        assert!(err.contains("duplicate service id"), "{err}");
+    }
+
+    #[test]
+    fn bad_collector_yaml_is_reported_with_its_path() {
+        let (dir, path) = setup(&[]);
+        std::fs::write(
+            &path,
+            "database: {url: x}\ntls: {ca: a, cert: b, key: c}\ngrpc_listen: nope\n",
+        )
+        .unwrap();
+        let err = load(&path).unwrap_err().to_string();
+        assert!(err.contains("collector.yaml:3"), "{err}");
+        assert!(err.contains("grpc_listen"), "{err}");
+        drop(dir);
+    }
+
+    #[test]
+    fn zero_threshold_is_refused() {
+        let s = format!("{TCP}on_failure:\n  after: 0\n");
+        let (_dir, path) = setup(&[("db.yaml", &s)]);
+        let err = load(&path).unwrap_err().to_string();
+        assert!(err.contains("on_failure.after"), "{err}");
+    }
+
+    #[test]
+    fn missing_attachment_is_refused() {
+        let s = "id: ocr\ncategory: api\nnode: n1\ncheck:\n  type: http\n  request:\n    method: POST\n    url: http://127.0.0.1:1/x\n    multipart:\n      - { field: files, file: data/missing.pdf }\n";
+        let (_dir, path) = setup(&[("ocr.yaml", s)]);
+        let err = load(&path).unwrap_err().to_string();
+        assert!(err.contains("missing.pdf"), "{err}");
+    }
+
+    /// The shipped examples must stay valid: the template as a service file, and the whole
+    /// example config directory.
+    #[test]
+    fn shipped_examples_are_valid() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config");
+        let tpl = root.join("services_template.yaml");
+        let text = std::fs::read_to_string(&tpl).unwrap();
+        let sf: ServiceFile = parse_yaml(&tpl, &text).unwrap();
+        sf.check.validate().unwrap();
+        let cfg = Config::load(&root.join("collector.yaml")).unwrap();
+        assert!(cfg.service("mineru").is_some());
+        assert!(cfg.attachments.contains_key("data/test.pdf"));
+    }
+}

@@ -1,0 +1,433 @@
+//! The agent stream (`vigil.v1.AgentService/Session`): identifies the node from its client
+//! certificate, sends its checks, ingests result batches and acknowledges them after commit.
+//! gRPC errors are built here and nowhere else.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use chrono::{TimeZone, Utc};
+use futures::Stream;
+use tokio::sync::{RwLock, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming};
+use vigil_proto::v1::{
+    self, AgentMessage, CollectorMessage, agent_message::Msg as In, collector_message::Msg as Out,
+};
+
+use crate::config::{Config, Thresholds};
+use crate::store::{ResultIn, Store};
+use crate::tls::node_of_certificate;
+
+/// Most results accepted in one batch.
+pub const MAX_BATCH: usize = 5_000;
+const HELLO_TIMEOUT: Duration = Duration::from_secs(15);
+const PING_EVERY: Duration = Duration::from_secs(30);
+/// An agent that sends nothing (not even a Pong) for this long is dropped.
+const IDLE_LIMIT: Duration = Duration::from_secs(120);
+const MAX_MESSAGE_CHARS: usize = 1_024;
+const MAX_OUTPUT_CHARS: usize = 8 * 1024;
+const MAX_METRICS: usize = 64;
+
+type Tx = mpsc::Sender<Result<CollectorMessage, Status>>;
+
+struct Session {
+    id: u64,
+    tx: Tx,
+}
+
+/// Shared collector state: config, store, and the connected agents.
+pub struct Hub {
+    pub store: Store,
+    config: RwLock<Arc<Config>>,
+    sessions: std::sync::Mutex<HashMap<String, Session>>,
+    next_id: AtomicU64,
+    pub shutdown: CancellationToken,
+}
+
+fn fnv1a(h: &mut u64, bytes: &[u8]) {
+    for b in bytes {
+        *h ^= *b as u64;
+        *h = h.wrapping_mul(0x100_0000_01b3);
+    }
+}
+
+/// The checks of one node as a ConfigUpdate; its version is a hash of the content, so it is the
+/// same across collector restarts and changes only when the node's checks change.
+pub fn config_update(cfg: &Config, node: &str) -> v1::ConfigUpdate {
+    let mut checks = Vec::new();
+    let mut files = HashMap::new();
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for s in cfg.services_of(node) {
+        let spec_json = serde_json::to_string(&s.check).unwrap_or_default();
+        fnv1a(&mut h, s.id.as_bytes());
+        fnv1a(&mut h, &[0]);
+        fnv1a(&mut h, spec_json.as_bytes());
+        fnv1a(&mut h, &[0]);
+        for a in s.check.attachments() {
+            if let Some(bytes) = cfg.attachments.get(&a) {
+                fnv1a(&mut h, a.as_bytes());
+                fnv1a(&mut h, bytes);
+                files.insert(a, bytes.clone());
+            }
+        }
+        checks.push(v1::CheckAssignment {
+            service_id: s.id.clone(),
+            spec_json,
+        });
+    }
+    v1::ConfigUpdate {
+        version: h.max(1),
+        checks,
+        files,
+    }
+}
+
+impl Hub {
+    pub fn new(store: Store, config: Config) -> Arc<Hub> {
+        Arc::new(Hub {
+            store,
+            config: RwLock::new(Arc::new(config)),
+            sessions: std::sync::Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+            shutdown: CancellationToken::new(),
+        })
+    }
+
+    pub async fn config(&self) -> Arc<Config> {
+        self.config.read().await.clone()
+    }
+
+    /// Puts a new config in force: stored, then pushed to every connected agent.
+    pub async fn apply(&self, cfg: Config) -> Result<(), crate::store::StoreError> {
+        self.store.sync_config(&cfg).await?;
+        let cfg = Arc::new(cfg);
+        *self.config.write().await = cfg.clone();
+        let sessions: Vec<(String, Tx)> = self
+            .sessions
+            .lock()
+            .expect("sessions lock")
+            .iter()
+            .map(|(n, s)| (n.clone(), s.tx.clone()))
+            .collect();
+        for (node, tx) in sessions {
+            let update = config_update(&cfg, &node);
+            tracing::info!(%node, version = update.version, checks = update.checks.len(), "pushing config");
+            let _ = tx.send(Ok(msg(Out::Config(update)))).await;
+        }
+        Ok(())
+    }
+
+    /// Names of nodes whose agent is connected now.
+    pub fn connected_nodes(&self) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .sessions
+            .lock()
+            .expect("sessions lock")
+            .keys()
+            .cloned()
+            .collect();
+        v.sort();
+        v
+    }
+
+    fn register(&self, node: &str, tx: Tx) -> u64 {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let old = self
+            .sessions
+            .lock()
+            .expect("sessions lock")
+            .insert(node.to_string(), Session { id, tx });
+        if old.is_some() {
+            tracing::warn!(%node, "a second stream for this node replaced the first one");
+        }
+        id
+    }
+
+    fn unregister(&self, node: &str, id: u64) -> bool {
+        let mut s = self.sessions.lock().expect("sessions lock");
+        if s.get(node).map(|x| x.id) == Some(id) {
+            s.remove(node);
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Ends every session (on shutdown).
+    pub fn close_all(&self) {
+        self.sessions.lock().expect("sessions lock").clear();
+    }
+}
+
+fn msg(m: Out) -> CollectorMessage {
+    CollectorMessage { msg: Some(m) }
+}
+
+/// The tonic service.
+pub struct AgentSvc {
+    pub hub: Arc<Hub>,
+}
+
+fn clip(mut s: String, max: usize) -> String {
+    if s.len() > max {
+        s = vigil_checks::truncate(&s, max);
+    }
+    s
+}
+
+/// Wire result → domain result, with every field bounded.
+fn result_in(r: v1::CheckResult) -> ResultIn {
+    let mut metrics: Vec<vigil_checks::Metric> = r.metrics.into_iter().map(Into::into).collect();
+    metrics.truncate(MAX_METRICS);
+    ResultIn {
+        seq: r.seq,
+        started_at: Utc
+            .timestamp_millis_opt(r.started_at_ms)
+            .single()
+            .unwrap_or_else(Utc::now),
+        duration_ms: r.duration_ms,
+        status: vigil_proto::status_from_wire(r.status),
+        message: clip(r.message, MAX_MESSAGE_CHARS),
+        output: clip(r.output, MAX_OUTPUT_CHARS),
+        service_id: r.service_id,
+        metrics,
+        config_version: r.config_version,
+    }
+}
+
+impl AgentSvc {
+    async fn hello(
+        &self,
+        peer: Option<SocketAddr>,
+        cert_node: &str,
+        inbound: &mut Streaming<AgentMessage>,
+    ) -> Result<v1::Hello, Status> {
+        let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
+            .await
+            .map_err(|_| Status::deadline_exceeded("no Hello within 15s"))??;
+        let hello = match first.and_then(|m| m.msg) {
+            Some(In::Hello(h)) => h,
+            _ => {
+                return Err(Status::invalid_argument(
+                    "the first message on the stream must be Hello",
+                ));
+            }
+        };
+        if hello.node != cert_node {
+            tracing::warn!(
+                peer = ?peer,
+                certificate_node = %cert_node,
+                claimed_node = %hello.node,
+                "agent refused: it claims a node other than its certificate's"
+            );
+            return Err(Status::permission_denied(format!(
+                "this agent's certificate is for node {cert_node:?} but it claims node {:?}; \
+                 set node: {cert_node} in agent.yaml or issue a certificate for {:?}",
+                hello.node, hello.node
+            )));
+        }
+        let cfg = self.hub.config().await;
+        if !cfg.nodes.iter().any(|n| n.name == hello.node) {
+            tracing::warn!(peer = ?peer, node = %hello.node, "agent refused: node not in collector.yaml");
+            return Err(Status::permission_denied(format!(
+                "node {:?} is not configured on this collector (add it under nodes: in collector.yaml)",
+                hello.node
+            )));
+        }
+        if hello.outbox_epoch == 0 {
+            return Err(Status::invalid_argument("Hello.outbox_epoch must not be 0"));
+        }
+        Ok(hello)
+    }
+}
+
+#[tonic::async_trait]
+impl v1::agent_service_server::AgentService for AgentSvc {
+    type SessionStream = Pin<Box<dyn Stream<Item = Result<CollectorMessage, Status>> + Send>>;
+
+    async fn session(
+        &self,
+        request: Request<Streaming<AgentMessage>>,
+    ) -> Result<Response<Self::SessionStream>, Status> {
+        let peer = request.remote_addr();
+        let Some(certs) = request.peer_certs().filter(|c| !c.is_empty()) else {
+            tracing::warn!(peer = ?peer, "agent refused: no client certificate");
+            return Err(Status::unauthenticated(
+                "a client certificate signed by the collector's CA is required \
+                 (vigil-collector ca issue --node NAME)",
+            ));
+        };
+        let Some(cert_node) = node_of_certificate(&certs[0]) else {
+            tracing::warn!(peer = ?peer, "agent refused: certificate has no common name");
+            return Err(Status::unauthenticated(
+                "the client certificate has no common name",
+            ));
+        };
+        let mut inbound = request.into_inner();
+        let hello = self.hello(peer, &cert_node, &mut inbound).await?;
+        let node = hello.node.clone();
+        let cfg = self.hub.config().await;
+
+        let (tx, rx) = mpsc::channel(64);
+        let welcome = v1::Welcome {
+            node: node.clone(),
+            collector_version: env!("CARGO_PKG_VERSION").to_string(),
+        };
+        let update = config_update(&cfg, &node);
+        let _ = tx.send(Ok(msg(Out::Welcome(welcome)))).await;
+        let _ = tx.send(Ok(msg(Out::Config(update)))).await;
+        let id = self.hub.register(&node, tx.clone());
+        let caps = hello.capabilities.clone().unwrap_or_default();
+        let caps_json = serde_json::json!({
+            "docker": caps.docker, "systemd": caps.systemd, "gpus": caps.gpus,
+            "check_kinds": caps.check_kinds,
+        });
+        if let Err(e) = self
+            .hub
+            .store
+            .node_session(&node, true, &hello.agent_version, &caps_json)
+            .await
+        {
+            tracing::error!(%node, error = %e, "cannot record agent connection");
+        }
+        tracing::info!(
+            %node, peer = ?peer, agent_version = %hello.agent_version,
+            config_version = hello.config_version, first_unacked_seq = hello.first_unacked_seq,
+            "agent connected"
+        );
+
+        let hub = self.hub.clone();
+        tokio::spawn(async move {
+            let reason = run_session(&hub, &node, inbound, &tx).await;
+            drop(tx);
+            if hub.unregister(&node, id) {
+                if let Err(e) = hub
+                    .store
+                    .node_session(&node, false, "", &serde_json::Value::Null)
+                    .await
+                {
+                    tracing::error!(%node, error = %e, "cannot record agent disconnection");
+                }
+            }
+            tracing::info!(%node, %reason, "agent disconnected");
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// Serves one agent until it goes away; returns why it ended.
+async fn run_session(
+    hub: &Hub,
+    node: &str,
+    mut inbound: Streaming<AgentMessage>,
+    tx: &Tx,
+) -> String {
+    let mut ping = tokio::time::interval(PING_EVERY);
+    ping.tick().await;
+    let mut nonce = 0u64;
+    loop {
+        let next = tokio::select! {
+            _ = hub.shutdown.cancelled() => return "collector shutting down".into(),
+            _ = tx.closed() => return "stream closed".into(),
+            _ = ping.tick() => {
+                nonce += 1;
+                let _ = tx.send(Ok(msg(Out::Ping(v1::Ping { nonce })))).await;
+                continue;
+            }
+            m = tokio::time::timeout(IDLE_LIMIT, inbound.message()) => m,
+        };
+        let m = match next {
+            Err(_) => return format!("nothing received for {}s", IDLE_LIMIT.as_secs()),
+            Ok(Err(status)) => return format!("stream error: {}", status.message()),
+            Ok(Ok(None)) => return "agent closed the stream".into(),
+            Ok(Ok(Some(m))) => m,
+        };
+        match m.msg {
+            Some(In::Results(batch)) => {
+                if let Err(status) = ingest(hub, node, batch, tx).await {
+                    let text = status.message().to_string();
+                    let _ = tx.send(Err(status)).await;
+                    return text;
+                }
+            }
+            Some(In::Pong(_)) => {}
+            Some(In::CommandResult(r)) => {
+                tracing::info!(%node, command_id = %r.command_id, success = r.success, "command result");
+            }
+            Some(In::Hello(_)) => {
+                let _ = tx
+                    .send(Err(Status::invalid_argument(
+                        "Hello may only be sent once per stream",
+                    )))
+                    .await;
+                return "second Hello".into();
+            }
+            None => {}
+        }
+    }
+}
+
+async fn ingest(hub: &Hub, node: &str, batch: v1::ResultBatch, tx: &Tx) -> Result<(), Status> {
+    if batch.results.len() > MAX_BATCH {
+        tracing::warn!(%node, size = batch.results.len(), "batch refused: too many results");
+        return Err(Status::invalid_argument(format!(
+            "a batch holds at most {MAX_BATCH} results, got {}",
+            batch.results.len()
+        )));
+    }
+    if batch.outbox_epoch == 0 {
+        return Err(Status::invalid_argument(
+            "ResultBatch.outbox_epoch must not be 0",
+        ));
+    }
+    let Some(up_to) = batch.results.iter().map(|r| r.seq).max() else {
+        return Ok(());
+    };
+    let cfg = hub.config().await;
+    let thresholds: HashMap<String, Thresholds> = cfg
+        .services_of(node)
+        .map(|s| (s.id.clone(), s.thresholds))
+        .collect();
+    let total = batch.results.len();
+    let results: Vec<ResultIn> = batch
+        .results
+        .into_iter()
+        .filter(|r| r.seq > 0 && thresholds.contains_key(&r.service_id))
+        .map(result_in)
+        .collect();
+    if results.len() < total {
+        tracing::warn!(
+            %node,
+            dropped = total - results.len(),
+            "results for services not assigned to this node (or with seq 0) were dropped"
+        );
+    }
+    let started = std::time::Instant::now();
+    let report = hub
+        .store
+        .ingest(node, batch.outbox_epoch, &results, &thresholds)
+        .await
+        .map_err(|e| {
+            tracing::error!(%node, error = %e, "cannot store results; the agent keeps them and will resend");
+            Status::unavailable(format!("the collector cannot store results now: {e}"))
+        })?;
+    tracing::debug!(
+        %node, inserted = report.inserted, duplicates = report.duplicates,
+        elapsed_ms = started.elapsed().as_millis() as u64, "batch committed"
+    );
+    for (service, t) in &report.transitions {
+        tracing::info!(%node, %service, from = %t.from, to = %t.to, reason = %t.reason, "service state changed");
+    }
+    let _ = tx
+        .send(Ok(msg(Out::Ack(v1::Ack {
+            outbox_epoch: batch.outbox_epoch,
+            up_to_seq: up_to,
+        }))))
+        .await;
+    Ok(())
+}

@@ -1,0 +1,116 @@
+//! Vigil collector: accepts agent streams over mutual TLS, stores every result in PostgreSQL,
+//! keeps each service's state, and offers CA tooling and a status table. The binary
+//! `vigil-collector` is a thin CLI over this library; tests run it in-process.
+
+pub mod ca;
+pub mod config;
+pub mod grpc;
+pub mod state;
+pub mod status;
+pub mod store;
+pub mod tls;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::ReceiverStream;
+use vigil_proto::v1::agent_service_server::AgentServiceServer;
+
+pub use config::Config;
+pub use store::Store;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CollectorError {
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// A running collector.
+pub struct Collector {
+    /// Where the agent stream listens (the real port when the config said `:0`).
+    pub grpc_addr: SocketAddr,
+    pub hub: Arc<grpc::Hub>,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl Collector {
+    /// Connects to PostgreSQL (migrating it), stores the config, and starts serving agents.
+    pub async fn start(config: Config) -> Result<Collector, CollectorError> {
+        let store = Store::connect(&config.database_url, config.pool_size).await?;
+        store.sync_config(&config).await?;
+        let tls = tls::server_config(&config.tls.ca, &config.tls.cert, &config.tls.key)?;
+        let listener = TcpListener::bind(config.grpc_listen)
+            .await
+            .map_err(|source| CollectorError::Listen {
+                addr: config.grpc_listen,
+                source,
+            })?;
+        let grpc_addr = listener
+            .local_addr()
+            .map_err(|source| CollectorError::Listen {
+                addr: config.grpc_listen,
+                source,
+            })?;
+        let hub = grpc::Hub::new(store, config);
+
+        let (health, health_svc) = tonic_health::server::health_reporter();
+        health
+            .set_serving::<AgentServiceServer<grpc::AgentSvc>>()
+            .await;
+        let agents = AgentServiceServer::new(grpc::AgentSvc { hub: hub.clone() })
+            .max_decoding_message_size(vigil_proto::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(vigil_proto::MAX_MESSAGE_BYTES);
+        let incoming = ReceiverStream::new(tls::accept_loop(listener, tls));
+        let token = hub.shutdown.clone();
+        let server = tokio::spawn(async move {
+            let result = tonic::transport::Server::builder()
+                .http2_keepalive_interval(Some(Duration::from_secs(30)))
+                .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+                .add_service(health_svc)
+                .add_service(agents)
+                .serve_with_incoming_shutdown(incoming, token.cancelled_owned())
+                .await;
+            if let Err(e) = result {
+                tracing::error!(error = %e, "gRPC server stopped");
+            }
+        });
+        tracing::info!(addr = %grpc_addr, "collector listening for agents (mTLS)");
+        Ok(Collector {
+            grpc_addr,
+            hub,
+            server,
+        })
+    }
+
+    /// Re-reads the config file; on any error the running config stays in force.
+    pub async fn reload(&self, path: &Path) -> Result<(), CollectorError> {
+        let cfg = Config::load(path)?;
+        self.hub.apply(cfg).await?;
+        Ok(())
+    }
+
+    /// Ends every agent stream and stops listening.
+    pub async fn shutdown(self) {
+        self.hub.shutdown.cancel();
+        self.hub.close_all();
+        let abort = self.server.abort_handle();
+        if tokio::time::timeout(Duration::from_secs(5), self.server)
+            .await
+            .is_err()
+        {
+            abort.abort();
+        }
+    }
+}

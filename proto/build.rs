@@ -1,0 +1,12 @@
+//! Generates the vigil.v1 tonic/prost code with a vendored `protoc`, so no system protoc is needed.
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let mut config = prost_build::Config::new();
+    config.protoc_executable(protoc_bin_vendored::protoc_bin_path()?);
+    tonic_prost_build::configure().compile_with_config(
+        config,
+        &["vigil/v1/agent.proto"],
+        &["."],
+    )?;
+    println!("cargo:rerun-if-changed=vigil/v1/agent.proto");
+    Ok(())
+}
