@@ -105,12 +105,11 @@ if [ "$have_nextest" -eq 1 ]; then
     step "cargo nextest run --workspace --no-fail-fast --test-threads $threads"
     cargo nextest run --workspace --no-fail-fast --test-threads "$threads" --no-tests warn "${extra_args[@]}"
     status=$?
-    if [ "$status" -eq 0 ]; then
-        # nextest does not run doctests.
-        step "cargo test --workspace --doc"
-        cargo test --workspace --doc --no-fail-fast
-        status=$?
-    fi
+    # nextest does not run doctests.
+    step "cargo test --workspace --doc"
+    cargo test --workspace --doc --no-fail-fast
+    doc_status=$?
+    [ "$status" -ne 0 ] || status=$doc_status
 else
     step "cargo test --workspace --no-fail-fast"
     cargo test --workspace --no-fail-fast "${extra_args[@]}" -- --test-threads "$threads"

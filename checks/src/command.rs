@@ -553,15 +553,17 @@ mod tests {
         // Run with a long internal deadline but drop the future once the child pid is known.
         // Boxed so that `drop` really drops the future (a stack-pinned one lives to scope end).
         let mut fut = Box::pin(c.run(Duration::from_secs(3600)));
-        let waited = tokio::select! {
-            o = &mut fut => panic!("run finished early: {o:?}"),
-            () = async {
-                while !pidfile.exists() {
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-            } => true,
+        let pid_written = async {
+            while !pidfile.exists() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
         };
-        assert!(waited);
+        tokio::select! {
+            o = &mut fut => panic!("run finished early: {o:?}"),
+            r = tokio::time::timeout(Duration::from_secs(10), pid_written) => {
+                r.expect("the script wrote its child's pid");
+            }
+        }
         let child = read_pid(&pidfile);
         assert!(alive(child), "child should run while the check runs");
         drop(fut);
