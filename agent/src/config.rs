@@ -134,7 +134,7 @@ impl AgentConfig {
                 path: path.to_path_buf(),
                 line,
                 column,
-                message: e.to_string(),
+                message: strip_location(&e.to_string()),
             }
         })?;
         config.validate(path)?;
@@ -217,6 +217,14 @@ impl AgentConfig {
             return Err(invalid("outbox_max_results", "must be at least 1".into()));
         }
         Ok(())
+    }
+}
+
+/// serde_norway appends " at line L column C"; the error already leads with `path:line:column`.
+fn strip_location(msg: &str) -> String {
+    match msg.rfind(" at line ") {
+        Some(i) if msg[i..].contains(" column ") => msg[..i].to_string(),
+        _ => msg.to_string(),
     }
 }
 

@@ -1,0 +1,250 @@
+//! The agent protocol spoken directly (no agent): re-sent results are stored once, a stream
+//! without a client certificate gets a gRPC error, health answers without one, and oversized or
+//! invalid messages are refused without harm.
+
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+use vigil_collector::{Collector, Config};
+use vigil_proto::v1::{
+    self, AgentMessage, agent_message::Msg as In, agent_service_client::AgentServiceClient,
+    collector_message::Msg as Out,
+};
+use vigil_tests::{Workspace, init, pg};
+
+const EPOCH: u64 = 0x5eed;
+
+async fn setup() -> anyhow::Result<(pg::TestDb, Workspace, Collector)> {
+    init();
+    let db = pg::test_db().await?;
+    let ws = Workspace::new()?;
+    ws.issue("n1")?;
+    ws.write_service(
+        "svc",
+        "id: svc\ncategory: system\nnode: n1\ncheck:\n  type: command\n  interval: 1h\n  argv: [\"/bin/true\"]\non_failure:\n  after: 2\n",
+    )?;
+    let path = ws.write_collector(&db.url, &["n1"])?;
+    let collector = Collector::start(Config::load(&path)?).await?;
+    Ok((db, ws, collector))
+}
+
+async fn channel(
+    ws: &Workspace,
+    collector: &Collector,
+    identity: Option<&str>,
+) -> anyhow::Result<Channel> {
+    let ca = std::fs::read(ws.certs().join("ca.pem"))?;
+    let mut tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(ca))
+        .domain_name("localhost");
+    if let Some(node) = identity {
+        let cert = std::fs::read(ws.certs().join(format!("{node}.pem")))?;
+        let key = std::fs::read(ws.certs().join(format!("{node}.key")))?;
+        tls = tls.identity(Identity::from_pem(cert, key));
+    }
+    Ok(
+        Channel::from_shared(format!("https://{}", collector.grpc_addr))?
+            .tls_config(tls)?
+            .connect_timeout(Duration::from_secs(5))
+            .connect()
+            .await?,
+    )
+}
+
+fn hello() -> AgentMessage {
+    AgentMessage {
+        msg: Some(In::Hello(v1::Hello {
+            node: "n1".into(),
+            agent_version: "test".into(),
+            capabilities: None,
+            config_version: 0,
+            outbox_epoch: EPOCH,
+            first_unacked_seq: 1,
+        })),
+    }
+}
+
+fn batch(seqs: std::ops::RangeInclusive<u64>, status: v1::Status) -> AgentMessage {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    AgentMessage {
+        msg: Some(In::Results(v1::ResultBatch {
+            outbox_epoch: EPOCH,
+            results: seqs
+                .map(|seq| v1::CheckResult {
+                    seq,
+                    service_id: "svc".into(),
+                    started_at_ms: now + seq as i64,
+                    duration_ms: 3,
+                    status: status as i32,
+                    message: format!("result {seq}"),
+                    ..Default::default()
+                })
+                .collect(),
+        })),
+    }
+}
+
+/// Opens a stream, sends `msgs` after Hello, and returns the first Ack's up_to_seq.
+async fn send_and_ack(ch: Channel, msgs: Vec<AgentMessage>) -> anyhow::Result<u64> {
+    let (tx, rx) = mpsc::channel(16);
+    tx.send(hello()).await?;
+    let mut inbound = AgentServiceClient::new(ch)
+        .session(ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    for m in msgs {
+        tx.send(m).await?;
+    }
+    let up_to = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            match inbound.message().await?.and_then(|m| m.msg) {
+                Some(Out::Ack(a)) => {
+                    assert_eq!(a.outbox_epoch, EPOCH);
+                    return anyhow::Ok(a.up_to_seq);
+                }
+                Some(_) => continue,
+                None => anyhow::bail!("stream ended without an Ack"),
+            }
+        }
+    })
+    .await??;
+    Ok(up_to)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resent_results_are_stored_once_and_counted_once() -> anyhow::Result<()> {
+    let (db, ws, collector) = setup().await?;
+    // First connection: 10 failures, acknowledged.
+    let up_to = send_and_ack(
+        channel(&ws, &collector, Some("n1")).await?,
+        vec![batch(1..=10, v1::Status::Critical)],
+    )
+    .await?;
+    assert_eq!(up_to, 10);
+    // A "restarted agent" that never saw the ack resends them, plus 5 new successes.
+    let up_to = send_and_ack(
+        channel(&ws, &collector, Some("n1")).await?,
+        vec![
+            batch(1..=10, v1::Status::Critical),
+            batch(11..=15, v1::Status::Ok),
+        ],
+    )
+    .await?;
+    assert_eq!(up_to, 10, "the first batch is acked on its own");
+    let client = db.connect().await?;
+    let row = client
+        .query_one(
+            "SELECT count(*), count(DISTINCT seq) FROM check_results WHERE service_id = 'svc'",
+            &[],
+        )
+        .await?;
+    let (n, distinct): (i64, i64) = (row.get(0), row.get(1));
+    assert_eq!((n, distinct), (15, 15));
+    // State advanced once per unique result: down after 2 failures (not re-counted), then 5
+    // successes -> healthy (recover_after 2), and exactly 3 transitions.
+    let row = client
+        .query_one(
+            "SELECT state, consecutive_successes FROM service_state WHERE service_id = 'svc'",
+            &[],
+        )
+        .await?;
+    assert_eq!(row.get::<_, String>(0), "healthy");
+    assert_eq!(row.get::<_, i32>(1), 5);
+    let events: Vec<String> = client
+        .query(
+            "SELECT from_state || '->' || to_state FROM events ORDER BY id",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        events,
+        vec!["unknown->failing", "failing->down", "down->healthy"]
+    );
+    collector.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_without_client_certificate_gets_unauthenticated() -> anyhow::Result<()> {
+    let (db, ws, collector) = setup().await?;
+    let ch = channel(&ws, &collector, None).await?;
+    let (tx, rx) = mpsc::channel(4);
+    tx.send(hello()).await?;
+    let err = AgentServiceClient::new(ch.clone())
+        .session(ReceiverStream::new(rx))
+        .await
+        .expect_err("a stream without a certificate must be refused");
+    assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err}");
+    assert!(err.message().contains("client certificate"), "{err}");
+    // The standard health service answers without a certificate (for probes).
+    let mut health = tonic_health::pb::health_client::HealthClient::new(ch);
+    let resp = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "vigil.v1.AgentService".into(),
+        })
+        .await?
+        .into_inner();
+    assert_eq!(
+        resp.status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+    let client = db.connect().await?;
+    let n: i64 = client
+        .query_one("SELECT count(*) FROM check_results", &[])
+        .await?
+        .get(0);
+    assert_eq!(n, 0);
+    collector.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_and_invalid_messages_are_refused_and_the_collector_keeps_serving()
+-> anyhow::Result<()> {
+    let (db, ws, collector) = setup().await?;
+    // A message over the limit: the stream fails with an error, nothing is stored.
+    let mut big = batch(1..=1, v1::Status::Ok);
+    if let Some(In::Results(b)) = &mut big.msg {
+        b.results[0].output = "x".repeat(vigil_proto::MAX_MESSAGE_BYTES + 1);
+    }
+    let err = send_and_ack(channel(&ws, &collector, Some("n1")).await?, vec![big])
+        .await
+        .expect_err("an oversized message must not be acked");
+    eprintln!("oversized: {err:#}");
+    // A batch with epoch 0 is invalid.
+    let mut bad = batch(1..=1, v1::Status::Ok);
+    if let Some(In::Results(b)) = &mut bad.msg {
+        b.outbox_epoch = 0;
+    }
+    let err = send_and_ack(channel(&ws, &collector, Some("n1")).await?, vec![bad])
+        .await
+        .expect_err("epoch 0 must be refused");
+    assert!(format!("{err:#}").contains("outbox_epoch"), "{err:#}");
+    // Results for a service that is not this node's are acked but not stored.
+    let mut foreign = batch(1..=2, v1::Status::Ok);
+    if let Some(In::Results(b)) = &mut foreign.msg {
+        b.results[1].service_id = "someone-else".into();
+    }
+    assert_eq!(
+        send_and_ack(channel(&ws, &collector, Some("n1")).await?, vec![foreign]).await?,
+        2
+    );
+    let client = db.connect().await?;
+    let ids: Vec<String> = client
+        .query("SELECT service_id FROM check_results", &[])
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(ids, vec!["svc"]);
+    collector.shutdown().await;
+    Ok(())
+}
