@@ -138,7 +138,8 @@ impl AgentConfig {
             }
         })?;
         config.validate(path)?;
-        let base = path.parent().unwrap_or(Path::new("."));
+        let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+        let base = absolute.parent().unwrap_or(Path::new("."));
         config.resolve_paths(base);
         Ok(config)
     }

@@ -63,10 +63,12 @@ pub fn parse_yaml<T: serde::de::DeserializeOwned>(
         if let Some(idx) = message.find(" at line ") {
             message.truncate(idx);
         }
+        // serde_norway already names the key path in some messages; do not repeat it.
+        let named = message.starts_with(&format!("{key}: "));
         ConfigError::Parse {
             path: path.to_path_buf(),
             location,
-            key: if key == "." || key.is_empty() {
+            key: if key == "." || key.is_empty() || named {
                 String::new()
             } else {
                 format!("{key}: ")
@@ -598,11 +600,11 @@ defaults:
         let err = load(&path).unwrap_err().to_string();
         assert!(err.contains("db.yaml:"), "{err}");
         assert!(err.contains("adress"), "{err}");
-        assert!(
-            err.contains(":4:") || err.contains(":7:"),
-            "line missing: {err}"
-        );
-        assert!(err.contains("check"), "key path missing: {err}");
+        // The line of the `check` block: its fields are buffered for the `type` tag, so the
+        // parser points at the block rather than the key itself.
+        let file = path.parent().unwrap().join("services/db.yaml");
+        let want = format!("{}:5:3: check: unknown field `adress`", file.display());
+        assert!(err.starts_with(&want), "{err}");
     }
 
     #[test]

@@ -305,14 +305,13 @@ impl v1::agent_service_server::AgentService for AgentSvc {
         tokio::spawn(async move {
             let reason = run_session(&hub, &node, inbound, &tx).await;
             drop(tx);
-            if hub.unregister(&node, id) {
-                if let Err(e) = hub
+            if hub.unregister(&node, id)
+                && let Err(e) = hub
                     .store
                     .node_session(&node, false, "", &serde_json::Value::Null)
                     .await
-                {
-                    tracing::error!(%node, error = %e, "cannot record agent disconnection");
-                }
+            {
+                tracing::error!(%node, error = %e, "cannot record agent disconnection");
             }
             tracing::info!(%node, %reason, "agent disconnected");
         });

@@ -143,8 +143,10 @@ mod tests {
         use State::*;
         let mut t = Tracker::default();
         assert_eq!(
-            run(&mut t, "+---+--+"),
-            vec![Healthy, Failing, Failing, Down, Down, Down, Down, Healthy]
+            run(&mut t, "+---+--++"),
+            vec![
+                Healthy, Failing, Failing, Down, Down, Down, Down, Down, Healthy
+            ]
         );
         assert_eq!(t.consecutive_successes, 2);
         assert_eq!(t.consecutive_failures, 0);

@@ -1,0 +1,152 @@
+#!/usr/bin/env bash
+# deploy/demo.sh — bring up a working Vigil on this machine: PostgreSQL (a private cluster, or
+# VIGIL_DATABASE_URL), certificates, the collector, a local agent and example services.
+#
+#   deploy/demo.sh          build, start everything (again), wait for the first results, print the state
+#   deploy/demo.sh status   print the service table
+#   deploy/demo.sh stop     stop the demo's processes and its PostgreSQL cluster
+#
+# Everything it makes lives in .vigil/ (certificates, agent state, logs, the database cluster);
+# `rm -rf .vigil` after `stop` removes all of it. Ports: 7443 (agent gRPC), 18080 (demo service),
+# 55432 (PostgreSQL, unless VIGIL_DATABASE_URL is set).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+STATE="$ROOT/.vigil"
+RUN="$STATE/run"
+BIN="$ROOT/target/debug"
+PG_DIR="$STATE/pg"
+PG_PORT=55432
+CONFIG="$ROOT/config/collector.yaml"
+
+say() { printf '\033[1m==> %s\033[0m\n' "$*"; }
+die() { printf 'demo.sh: error: %s\n' "$*" >&2; exit 1; }
+
+stop_proc() {
+    local name=$1 pidfile="$RUN/$1.pid"
+    [ -f "$pidfile" ] || return 0
+    local pid
+    pid=$(cat "$pidfile")
+    if kill -0 "$pid" 2>/dev/null; then
+        kill "$pid" 2>/dev/null || true
+        for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+        kill -9 "$pid" 2>/dev/null || true
+        echo "stopped $name (pid $pid)"
+    fi
+    rm -f "$pidfile"
+}
+
+start_proc() {
+    local name=$1; shift
+    nohup "$@" >"$RUN/$name.log" 2>&1 &
+    echo $! >"$RUN/$name.pid"
+    sleep 0.3
+    kill -0 "$(cat "$RUN/$name.pid")" 2>/dev/null \
+        || { tail -n 20 "$RUN/$name.log" >&2; die "$name did not start (log: $RUN/$name.log)"; }
+}
+
+port_free() { ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+database_url() {
+    if [ -n "${VIGIL_DATABASE_URL:-}" ]; then
+        echo "$VIGIL_DATABASE_URL"
+    else
+        bash "$ROOT/deploy/pg.sh" url "$PG_DIR" "$PG_PORT"
+    fi
+}
+
+cmd_status() {
+    VIGIL_DATABASE_URL="$(database_url)" "$BIN/vigil-collector" status --config "$CONFIG"
+}
+
+cmd_stop() {
+    for p in agent collector testsvc; do stop_proc "$p"; done
+    if [ -z "${VIGIL_DATABASE_URL:-}" ] && [ -d "$PG_DIR" ]; then
+        bash "$ROOT/deploy/pg.sh" stop "$PG_DIR"
+    fi
+}
+
+cmd_start() {
+    mkdir -p "$RUN"
+    command -v cargo >/dev/null || die "cargo is not installed (https://rustup.rs)"
+
+    say "Stopping a previous demo, if any"
+    for p in agent collector testsvc; do stop_proc "$p"; done
+    for port in 7443 18080; do
+        port_free "$port" || die "port $port is in use by another program; stop it and run again"
+    done
+
+    say "PostgreSQL"
+    local url
+    if [ -n "${VIGIL_DATABASE_URL:-}" ]; then
+        url="$VIGIL_DATABASE_URL"
+        echo "using VIGIL_DATABASE_URL"
+    else
+        bash "$ROOT/deploy/pg.sh" install
+        url=$(bash "$ROOT/deploy/pg.sh" start "$PG_DIR" "$PG_PORT")
+    fi
+    export VIGIL_DATABASE_URL="$url"
+
+    say "Building (first time: a few minutes)"
+    (cd "$ROOT" && cargo build --bin vigil-collector --bin vigil-agent --bin vigil-testsvc)
+
+    say "Certificates in $STATE/certs"
+    if [ ! -f "$STATE/certs/ca.pem" ]; then
+        "$BIN/vigil-collector" ca init --dir "$STATE/certs"
+    fi
+    if [ ! -f "$STATE/certs/local.pem" ]; then
+        "$BIN/vigil-collector" ca issue --node local --dir "$STATE/certs"
+    fi
+
+    say "Checking the config"
+    "$BIN/vigil-collector" check-config --config "$CONFIG"
+
+    say "Starting the demo service (fake OCR API) on 127.0.0.1:18080"
+    start_proc testsvc "$BIN/vigil-testsvc" --listen 127.0.0.1:18080
+    say "Starting the collector on 127.0.0.1:7443"
+    start_proc collector "$BIN/vigil-collector" serve --config "$CONFIG"
+    say "Starting the agent for node 'local'"
+    start_proc agent "$BIN/vigil-agent" --config "$ROOT/config/agent.yaml"
+
+    say "Waiting for the first results"
+    local ok=""
+    for _ in $(seq 1 120); do
+        if cmd_status 2>/dev/null | grep -E '^demo-web .* (HEALTHY|FAILING|DOWN) ' >/dev/null \
+            && cmd_status 2>/dev/null | grep -E '^demo-ocr .* (HEALTHY|FAILING|DOWN) ' >/dev/null; then
+            ok=1
+            break
+        fi
+        kill -0 "$(cat "$RUN/collector.pid")" 2>/dev/null || { tail -n 20 "$RUN/collector.log" >&2; die "the collector stopped"; }
+        kill -0 "$(cat "$RUN/agent.pid")" 2>/dev/null || { tail -n 20 "$RUN/agent.log" >&2; die "the agent stopped"; }
+        sleep 0.5
+    done
+    [ -n "$ok" ] || { tail -n 20 "$RUN/collector.log" "$RUN/agent.log" >&2; die "no results after 60s"; }
+
+    echo
+    cmd_status
+    cat <<MSG
+
+Vigil is running.
+  demo-web    HTTP page with a keyword            -> healthy
+  demo-ocr    PDF upload to a fake OCR API        -> healthy
+  demo-load   Nagios-style command with perfdata  -> healthy
+  demo-broken nothing listens on its port         -> failing, then DOWN after 2 failures
+  mineru      the real Mineru case on node gpu-01 -> unknown (no agent there in the demo)
+
+Where to look:
+  service table      bash deploy/demo.sh status
+  logs               $RUN/collector.log  $RUN/agent.log  $RUN/testsvc.log
+  the database       psql '$url'
+                     (tables: check_results, service_state, events, nodes, services)
+  make a service fail: kill \$(cat $RUN/testsvc.pid)   then watch the table turn DOWN
+  stop everything    bash deploy/demo.sh stop
+MSG
+}
+
+case "${1:-start}" in
+    start) cmd_start ;;
+    status) cmd_status ;;
+    stop) cmd_stop ;;
+    -h|--help|help) sed -n '2,11p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' ;;
+    *) die "unknown command ${1}; use start, status or stop" ;;
+esac
