@@ -102,13 +102,13 @@ threads="${VIGIL_TEST_THREADS:-$((2 * $(nproc 2>/dev/null || echo 1)))}"
 export RUST_BACKTRACE="${RUST_BACKTRACE:-1}"
 set +e
 if [ "$have_nextest" -eq 1 ]; then
+    # nextest does not run doctests: run them first, so that nextest's summary is the last word.
+    step "cargo test --workspace --doc"
+    cargo test --workspace --doc --no-fail-fast -q
+    doc_status=$?
     step "cargo nextest run --workspace --no-fail-fast --test-threads $threads"
     cargo nextest run --workspace --no-fail-fast --test-threads "$threads" --no-tests warn "${extra_args[@]}"
     status=$?
-    # nextest does not run doctests.
-    step "cargo test --workspace --doc"
-    cargo test --workspace --doc --no-fail-fast
-    doc_status=$?
     [ "$status" -ne 0 ] || status=$doc_status
 else
     step "cargo test --workspace --no-fail-fast"

@@ -61,7 +61,7 @@ pub fn render(rows: &[StatusRow], now: DateTime<Utc>) -> String {
             rate,
             r.last_error
                 .as_deref()
-                .map(|e| one_line(e, 60))
+                .map(|e| one_line(e, 80))
                 .unwrap_or_else(|| "-".into()),
         ]);
     }
