@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use vigil_agent::{Agent, AgentConfig, AgentHandle, ConnState};
 
 /// Installs the process-wide crypto provider and a test log subscriber (once).
 pub fn init() {
@@ -134,4 +135,37 @@ impl Workspace {
 /// The repository's `config/` directory (example configs and the sample PDF).
 pub fn repo_config_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../config")
+}
+
+/// A service file for `node` whose check runs `/bin/true` every second.
+pub fn true_service(id: &str, node: &str) -> String {
+    format!(
+        "id: {id}\ncategory: system\nnode: {node}\ncheck:\n  type: command\n  interval: 1s\n  argv: [\"/bin/true\"]\n"
+    )
+}
+
+/// Loads an agent config and starts the agent in-process.
+pub async fn start_agent(path: &Path) -> anyhow::Result<AgentHandle> {
+    Ok(Agent::start(AgentConfig::load(path)?).await?)
+}
+
+/// Waits until the agent is connected; fails at once if it is refused.
+pub async fn connected(agent: &AgentHandle) -> anyhow::Result<()> {
+    let mut st = agent.state();
+    wait_for("agent connected", Duration::from_secs(30), || {
+        let s = st.borrow_and_update().clone();
+        async move {
+            match s {
+                ConnState::Connected { .. } => Ok(Some(())),
+                ConnState::Refused { reason } => bail!("refused: {reason}"),
+                _ => Ok(None),
+            }
+        }
+    })
+    .await
+}
+
+/// `SELECT count(*) ...` with one text parameter.
+pub async fn count(db: &tokio_postgres::Client, sql: &str, param: &str) -> anyhow::Result<i64> {
+    Ok(db.query_one(sql, &[&param]).await?.get(0))
 }

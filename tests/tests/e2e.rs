@@ -4,16 +4,14 @@
 use std::time::Duration;
 
 use anyhow::Context;
-use vigil_agent::{Agent, AgentConfig, AgentHandle, ConnState};
+use vigil_agent::ConnState;
 use vigil_collector::{Collector, Config};
-use vigil_tests::{Workspace, init, pg, repo_config_dir, testsvc, wait_for};
+use vigil_tests::{
+    Workspace, connected, count, init, pg, repo_config_dir, start_agent, testsvc, true_service,
+    wait_for,
+};
 
 const LIMIT: Duration = Duration::from_secs(30);
-
-async fn start_agent(path: &std::path::Path) -> anyhow::Result<AgentHandle> {
-    let cfg = AgentConfig::load(path)?;
-    Ok(Agent::start(cfg).await?)
-}
 
 async fn start_collector(
     ws: &Workspace,
@@ -22,26 +20,6 @@ async fn start_collector(
 ) -> anyhow::Result<Collector> {
     let path = ws.write_collector(&db.url, nodes)?;
     Ok(Collector::start(Config::load(&path)?).await?)
-}
-
-/// Waits until the agent is connected; fails fast if it is refused.
-async fn connected(agent: &AgentHandle) -> anyhow::Result<()> {
-    let mut st = agent.state();
-    wait_for("agent connected", LIMIT, || {
-        let s = st.borrow_and_update().clone();
-        async move {
-            match s {
-                ConnState::Connected { .. } => Ok(Some(())),
-                ConnState::Refused { reason } => anyhow::bail!("refused: {reason}"),
-                _ => Ok(None),
-            }
-        }
-    })
-    .await
-}
-
-async fn count(db: &tokio_postgres::Client, sql: &str, service: &str) -> anyhow::Result<i64> {
-    Ok(db.query_one(sql, &[&service]).await?.get(0))
 }
 
 /// (rows, distinct seqs, min seq, max seq) stored for node n1's outbox `epoch`.
@@ -276,10 +254,7 @@ async fn nothing_lost_nothing_doubled_across_collector_outage_and_agent_restart(
     let db = pg::test_db().await?;
     let ws = Workspace::new()?;
     ws.issue("n1")?;
-    ws.write_service(
-        "tick",
-        "id: tick\ncategory: system\nnode: n1\ncheck:\n  type: command\n  interval: 1s\n  argv: [\"/bin/true\"]\n",
-    )?;
+    ws.write_service("tick", &true_service("tick", "n1"))?;
     let collector = start_collector(&ws, &db, &["n1"]).await?;
     let listen = collector.grpc_addr;
     let agent_yaml = ws.write_agent("a", "n1", "n1", listen)?;
@@ -344,10 +319,7 @@ async fn agent_claiming_another_node_than_its_certificate_is_refused() -> anyhow
     let db = pg::test_db().await?;
     let ws = Workspace::new()?;
     ws.issue("node-a")?;
-    ws.write_service(
-        "b-check",
-        "id: b-check\ncategory: system\nnode: node-b\ncheck:\n  type: command\n  interval: 1s\n  argv: [\"/bin/true\"]\n",
-    )?;
+    ws.write_service("b-check", &true_service("b-check", "node-b"))?;
     let collector = start_collector(&ws, &db, &["node-a", "node-b"]).await?;
     // Certificate for node-a, claiming node-b.
     let agent = start_agent(&ws.write_agent("x", "node-b", "node-a", collector.grpc_addr)?).await?;
@@ -393,10 +365,7 @@ async fn agent_with_certificate_from_another_ca_is_refused() -> anyhow::Result<(
     init();
     let db = pg::test_db().await?;
     let ws = Workspace::new()?;
-    ws.write_service(
-        "c",
-        "id: c\ncategory: system\nnode: n1\ncheck:\n  type: command\n  interval: 1s\n  argv: [\"/bin/true\"]\n",
-    )?;
+    ws.write_service("c", &true_service("c", "n1"))?;
     // A certificate for n1 from a CA the collector does not know.
     let rogue = Workspace::new()?;
     rogue.issue("n1")?;

@@ -3,11 +3,8 @@
 
 use std::time::Duration;
 
-use vigil_agent::{Agent, AgentConfig, ConnState};
 use vigil_collector::{Collector, CollectorError, Config};
-use vigil_tests::{Workspace, init, pg, wait_for};
-
-const TICK: &str = "id: tick\ncategory: system\nnode: n1\ncheck:\n  type: command\n  interval: 1s\n  argv: [\"/bin/true\"]\n";
+use vigil_tests::{Workspace, connected, count, init, pg, start_agent, true_service, wait_for};
 
 #[tokio::test]
 async fn dead_postgres_at_startup_is_a_clear_error() -> anyhow::Result<()> {
@@ -68,22 +65,11 @@ async fn reload_pushes_new_checks_and_a_bad_reload_keeps_the_running_config() ->
     let db = pg::test_db().await?;
     let ws = Workspace::new()?;
     ws.issue("n1")?;
-    ws.write_service("tick", TICK)?;
+    ws.write_service("tick", &true_service("tick", "n1"))?;
     let path = ws.write_collector(&db.url, &["n1"])?;
     let collector = Collector::start(Config::load(&path)?).await?;
-    let agent = Agent::start(AgentConfig::load(&ws.write_agent(
-        "a",
-        "n1",
-        "n1",
-        collector.grpc_addr,
-    )?)?)
-    .await?;
-    let mut st = agent.state();
-    wait_for("connected", Duration::from_secs(30), || {
-        let ok = matches!(*st.borrow_and_update(), ConnState::Connected { .. });
-        async move { Ok(ok.then_some(())) }
-    })
-    .await?;
+    let agent = start_agent(&ws.write_agent("a", "n1", "n1", collector.grpc_addr)?).await?;
+    connected(&agent).await?;
     let v1 = agent.config_version().await;
 
     // A broken service file: the reload fails with its name and line; nothing changes.
@@ -101,25 +87,14 @@ async fn reload_pushes_new_checks_and_a_bad_reload_keeps_the_running_config() ->
     std::fs::remove_file(ws.path().join("services/broken.yaml"))?;
 
     // A good new service: pushed to the connected agent, which runs it at once.
-    ws.write_service("tock", &TICK.replace("id: tick", "id: tock"))?;
+    ws.write_service("tock", &true_service("tock", "n1"))?;
     collector.reload(&path).await?;
     let client = db.connect().await?;
+    const SQL: &str = "SELECT count(*) FROM check_results WHERE service_id = $1";
     wait_for(
         "a result of the new service",
         Duration::from_secs(30),
-        || {
-            let client = &client;
-            async move {
-                let n: i64 = client
-                    .query_one(
-                        "SELECT count(*) FROM check_results WHERE service_id = 'tock'",
-                        &[],
-                    )
-                    .await?
-                    .get(0);
-                Ok((n > 0).then_some(()))
-            }
-        },
+        || async { Ok((count(&client, SQL, "tock").await? > 0).then_some(())) },
     )
     .await?;
     assert_ne!(agent.config_version().await, v1);
