@@ -448,6 +448,7 @@ impl Client {
                     exit_code: -1,
                     output: "commands are not supported by this agent yet".into(),
                     duration_ms: 0,
+                    ..Default::default()
                 }))
                 .await?;
             }

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use vigil_checks::CheckSpec;
+pub use vigil_control::{ControlSpec, Via};
 
 /// Environment variable that overrides `database.url`.
 pub const DATABASE_URL_ENV: &str = "VIGIL_DATABASE_URL";
@@ -226,36 +227,6 @@ pub struct ServiceFile {
     pub control: Option<ControlSpec>,
     #[serde(default)]
     pub on_failure: OnFailureFile,
-}
-
-/// How the service is started, stopped and restarted (carried out by the remediation engine).
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct ControlSpec {
-    /// `agent`, `ssh` or `auto` (agent first, SSH when the agent is not connected).
-    #[serde(default)]
-    pub via: Via,
-    /// A Docker container controlled through the Docker Engine API.
-    #[serde(default)]
-    pub container: Option<String>,
-    /// Argument vectors run in order; never a shell string.
-    #[serde(default)]
-    pub start: Vec<Vec<String>>,
-    #[serde(default)]
-    pub stop: Vec<Vec<String>>,
-    #[serde(default)]
-    pub restart: Vec<Vec<String>>,
-    #[serde(default, with = "humantime_serde")]
-    pub timeout: Option<Duration>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Via {
-    Agent,
-    Ssh,
-    #[default]
-    Auto,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
@@ -491,19 +462,8 @@ impl Config {
             .validate()
             .map_err(|e| invalid(f, "check", e.to_string()))?;
         if let Some(c) = &sf.control {
-            for (name, seq) in [
-                ("start", &c.start),
-                ("stop", &c.stop),
-                ("restart", &c.restart),
-            ] {
-                if seq.iter().any(|argv| argv.is_empty() || argv[0].is_empty()) {
-                    return Err(invalid(
-                        f,
-                        format!("control.{name}"),
-                        "every command needs a program",
-                    ));
-                }
-            }
+            c.validate()
+                .map_err(|reason| invalid(f, "control", reason))?;
         }
         let of = sf.on_failure;
         let thresholds = Thresholds {
