@@ -1,4 +1,5 @@
-//! The stream to the collector: mTLS channel, Hello/Welcome, config updates, result batches, acks.
+//! The stream to the collector: mTLS channel, Hello/Welcome, config updates, result batches, acks;
+//! commands are handed to [`crate::commands`], which replies on the same stream.
 //!
 //! One task owns the connection and reconnects with capped exponential backoff. Results are read
 //! from the outbox (never from memory), so after any reconnect sending starts again at the first
@@ -18,12 +19,13 @@ use vigil_proto::agent_message::Msg as Out;
 use vigil_proto::agent_service_client::AgentServiceClient;
 use vigil_proto::collector_message::Msg as In;
 use vigil_proto::{
-    AgentMessage, Capabilities, CheckResult, CollectorMessage, CommandResult, ConfigUpdate, Hello,
-    Pong, ResultBatch,
+    AgentMessage, Capabilities, CheckResult, CollectorMessage, ConfigUpdate, Hello, Pong,
+    ResultBatch,
 };
 
 use crate::backoff::Backoff;
 use crate::cache::ConfigCache;
+use crate::commands::Commands;
 use crate::config::AgentConfig;
 use crate::outbox::Outbox;
 use crate::scheduler::Scheduler;
@@ -34,6 +36,8 @@ pub const MAX_BATCH: usize = 500;
 pub const MAX_IN_FLIGHT: u64 = 5000;
 /// The stream is dropped when nothing at all arrives from the collector for this long.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// How long Hello waits for the Docker engine to answer a ping (capability `docker`).
+pub const DOCKER_PING_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Where the connection to the collector stands.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -205,12 +209,15 @@ pub(crate) struct Client {
 impl Client {
     /// Connects, serves the stream, and reconnects until `shutdown` turns true.
     pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+        // Outlives sessions: a command keeps running across a reconnect (its result is then
+        // lost, and the collector recovers it). Dropped at shutdown, which cancels what runs.
+        let mut commands = Commands::new(self.scheduler.clone());
         loop {
             if *shutdown.borrow() {
                 break;
             }
             self.state.send_replace(ConnState::Connecting);
-            let (welcomed, failure) = match self.session(&mut shutdown).await {
+            let (welcomed, failure) = match self.session(&mut shutdown, &mut commands).await {
                 SessionEnd::Shutdown => break,
                 SessionEnd::Failed { welcomed, failure } => (welcomed, failure),
             };
@@ -270,7 +277,7 @@ impl Client {
             node: self.node.clone(),
             agent_version: env!("CARGO_PKG_VERSION").to_string(),
             capabilities: Some(Capabilities {
-                docker: Path::new("/var/run/docker.sock").exists(),
+                docker: docker_available().await,
                 systemd: Path::new("/run/systemd/system").exists(),
                 gpus: 0,
                 check_kinds: vigil_checks::KINDS.iter().map(|k| k.to_string()).collect(),
@@ -282,7 +289,11 @@ impl Client {
     }
 
     /// One connection, from connect to the end of the stream.
-    async fn session(&mut self, shutdown: &mut watch::Receiver<bool>) -> SessionEnd {
+    async fn session(
+        &mut self,
+        shutdown: &mut watch::Receiver<bool>,
+        commands: &mut Commands,
+    ) -> SessionEnd {
         let lost = |welcomed, reason: String| SessionEnd::Failed {
             welcomed,
             failure: Failure::Lost(reason),
@@ -344,7 +355,7 @@ impl Client {
                         Ok(None) => return lost(welcomed, "the collector closed the stream".into()),
                         Err(status) => return SessionEnd::Failed { welcomed, failure: classify(&status) },
                     };
-                    match self.handle(msg, &tx, &mut welcomed, &mut acked).await {
+                    match self.handle(msg, &tx, commands, &mut welcomed, &mut acked).await {
                         Ok(()) => {}
                         Err(reason) => return lost(welcomed, reason),
                     }
@@ -396,6 +407,7 @@ impl Client {
         &mut self,
         msg: CollectorMessage,
         tx: &mpsc::Sender<AgentMessage>,
+        commands: &mut Commands,
         welcomed: &mut bool,
         acked: &mut u64,
     ) -> Result<(), String> {
@@ -435,23 +447,8 @@ impl Client {
                 }
             }
             Some(In::Ping(p)) => send(Out::Pong(Pong { nonce: p.nonce })).await?,
-            Some(In::Command(c)) => {
-                tracing::warn!(
-                    command_id = %c.command_id,
-                    service = %c.service_id,
-                    action = %c.action,
-                    "the collector sent a command, but this agent does not support commands yet"
-                );
-                send(Out::CommandResult(CommandResult {
-                    command_id: c.command_id,
-                    success: false,
-                    exit_code: -1,
-                    output: "commands are not supported by this agent yet".into(),
-                    duration_ms: 0,
-                    ..Default::default()
-                }))
-                .await?;
-            }
+            // Carried out in a task of its own; the result follows on `tx` when it is done.
+            Some(In::Command(c)) => commands.spawn(c, tx.clone()),
         }
         Ok(())
     }
@@ -476,6 +473,17 @@ impl Client {
             Err(e) => tracing::error!(error = %e, "cannot cache the config; running it anyway"),
         }
         scheduler.apply(&update).await;
+    }
+}
+
+/// Whether the Docker engine answers a ping (bounded by [`DOCKER_PING_TIMEOUT`]).
+async fn docker_available() -> bool {
+    match vigil_control::docker::ping(DOCKER_PING_TIMEOUT).await {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::debug!(reason = %e, "no Docker capability");
+            false
+        }
     }
 }
 

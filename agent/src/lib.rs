@@ -7,6 +7,7 @@
 pub mod backoff;
 pub mod cache;
 pub mod client;
+pub mod commands;
 pub mod config;
 pub mod outbox;
 pub mod scheduler;

@@ -36,6 +36,8 @@ struct Task {
     spec_json: String,
     /// The attachment paths the spec uses and the bytes it was started with.
     files: Vec<(String, Option<Vec<u8>>)>,
+    /// What the task runs, shared with check-now.
+    plan: Arc<Plan>,
     stop: oneshot::Sender<()>,
     handle: JoinHandle<()>,
 }
@@ -149,8 +151,8 @@ impl Scheduler {
             if self.tasks.contains_key(id) {
                 continue;
             }
-            let plan = plan_for(id, spec_json, &files);
-            let task_files = match &plan {
+            let plan = Arc::new(plan_for(id, spec_json, &files));
+            let task_files = match &*plan {
                 Plan::Run { spec, .. } => spec
                     .attachments()
                     .into_iter()
@@ -165,7 +167,7 @@ impl Scheduler {
             let handle = tokio::spawn(run_check(
                 self.shared.clone(),
                 id.to_string(),
-                plan,
+                plan.clone(),
                 stop_rx,
             ));
             self.tasks.insert(
@@ -173,6 +175,7 @@ impl Scheduler {
                 Task {
                     spec_json: spec_json.to_string(),
                     files: task_files,
+                    plan,
                     stop,
                     handle,
                 },
@@ -187,6 +190,16 @@ impl Scheduler {
         );
     }
 
+    /// The check of `service_id` ready to run once now, outside its schedule (None: this agent
+    /// has no check for that service).
+    pub fn check_now(&self, service_id: &str) -> Option<CheckNow> {
+        self.tasks.get(service_id).map(|t| CheckNow {
+            shared: self.shared.clone(),
+            service_id: service_id.to_string(),
+            plan: t.plan.clone(),
+        })
+    }
+
     /// Stops every check and waits for the tasks to end (a run in progress is cancelled).
     pub async fn stop_all(&mut self) {
         let tasks: Vec<Task> = self.tasks.drain().map(|(_, t)| t).collect();
@@ -198,6 +211,33 @@ impl Scheduler {
         for h in handles {
             let _ = h.await;
         }
+    }
+}
+
+/// One run of a service's current check on demand (command `check`); holds what it needs, so
+/// the scheduler is not locked while it runs.
+pub struct CheckNow {
+    shared: Arc<Shared>,
+    service_id: String,
+    plan: Arc<Plan>,
+}
+
+impl CheckNow {
+    /// Runs the check once (within the global concurrency limit) and returns its result, which
+    /// is not stored in the outbox: it travels in the command's reply.
+    pub async fn run(self) -> CheckResult {
+        let _permit = self.shared.semaphore.clone().acquire_owned().await.ok();
+        let started_at = SystemTime::now();
+        let outcome = run_plan(&self.plan).await;
+        let version = self.shared.version.load(Ordering::SeqCst);
+        to_result(&self.service_id, started_at, &outcome, version)
+    }
+}
+
+async fn run_plan(plan: &Plan) -> Outcome {
+    match plan {
+        Plan::Run { spec, files } => spec.run(files).await,
+        Plan::Broken { message, .. } => Outcome::new(Status::Unknown, message.clone()),
     }
 }
 
@@ -254,7 +294,7 @@ pub(crate) fn jittered(interval: Duration) -> Duration {
 async fn run_check(
     shared: Arc<Shared>,
     service_id: String,
-    plan: Plan,
+    plan: Arc<Plan>,
     mut stop: oneshot::Receiver<()>,
 ) {
     let interval = plan.interval();
@@ -273,12 +313,9 @@ async fn run_check(
         };
         let started = Instant::now();
         let started_at = SystemTime::now();
-        let outcome = match &plan {
-            Plan::Run { spec, files } => tokio::select! {
-                o = spec.run(files) => o,
-                _ = &mut stop => return,
-            },
-            Plan::Broken { message, .. } => Outcome::new(Status::Unknown, message.clone()),
+        let outcome = tokio::select! {
+            o = run_plan(&plan) => o,
+            _ = &mut stop => return,
         };
         drop(permit);
 

@@ -112,6 +112,7 @@ impl AgentService for Fake {
                                 service_id: "true".into(),
                                 action: "restart".into(),
                                 deadline_ms: 0,
+                                plan_json: "not a plan".into(),
                             })))
                             .await;
                     }
@@ -342,7 +343,7 @@ async fn stream_delivers_results_and_handles_collector_messages() {
         })
         .await;
     assert!(!success);
-    assert!(output.contains("not supported"), "{output}");
+    assert!(output.contains("cannot read the plan"), "{output}");
 
     // Results of the assigned check arrive in seq order, in this outbox's epoch.
     let mut seen = Vec::new();

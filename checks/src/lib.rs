@@ -7,10 +7,21 @@
 #![forbid(unsafe_code)]
 
 pub mod command;
+pub mod docker;
+pub mod gpu;
+pub mod grpc;
 pub mod http;
+pub mod inventory;
 pub mod perfdata;
+pub mod presets;
+pub mod process;
 pub mod registry;
+pub mod system;
+pub mod systemd;
 pub mod tcp;
+mod threshold;
+pub mod tls;
+pub mod web;
 
 use std::collections::HashMap;
 use std::sync::Arc;

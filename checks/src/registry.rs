@@ -4,11 +4,14 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::{Attachments, Outcome, SpecError, command, http, tcp};
+use crate::{
+    Attachments, Outcome, SpecError, command, docker, gpu, grpc, http, presets, process, system,
+    systemd, tcp, web,
+};
 
 /// Every check kind, tagged by `type:` in YAML.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "lowercase")]
+#[serde(tag = "type", rename_all = "snake_case")]
 #[allow(
     clippy::large_enum_variant,
     reason = "specs are built once per config load and not moved in hot loops; boxing would \
@@ -18,10 +21,36 @@ pub enum CheckKind {
     Http(http::HttpCheck),
     Tcp(tcp::TcpCheck),
     Command(command::CommandCheck),
+    System(system::SystemCheck),
+    Process(process::ProcessCheck),
+    Systemd(systemd::SystemdCheck),
+    Docker(docker::DockerCheck),
+    Gpu(gpu::GpuCheck),
+    Grpc(grpc::GrpcCheck),
+    Web(web::WebCheck),
+    DockerEngine(presets::DockerEngineCheck),
+    Lxd(presets::LxdCheck),
+    Incus(presets::LxdCheck),
+    Proxmox(presets::ProxmoxCheck),
 }
 
 /// The `type:` names, for error messages and the agent's capabilities.
-pub const KINDS: &[&str] = &["http", "tcp", "command"];
+pub const KINDS: &[&str] = &[
+    "http",
+    "tcp",
+    "command",
+    "system",
+    "process",
+    "systemd",
+    "docker",
+    "gpu",
+    "grpc",
+    "web",
+    "docker_engine",
+    "lxd",
+    "incus",
+    "proxmox",
+];
 
 impl CheckKind {
     pub fn name(&self) -> &'static str {
@@ -29,6 +58,17 @@ impl CheckKind {
             CheckKind::Http(_) => "http",
             CheckKind::Tcp(_) => "tcp",
             CheckKind::Command(_) => "command",
+            CheckKind::System(_) => "system",
+            CheckKind::Process(_) => "process",
+            CheckKind::Systemd(_) => "systemd",
+            CheckKind::Docker(_) => "docker",
+            CheckKind::Gpu(_) => "gpu",
+            CheckKind::Grpc(_) => "grpc",
+            CheckKind::Web(_) => "web",
+            CheckKind::DockerEngine(_) => "docker_engine",
+            CheckKind::Lxd(_) => "lxd",
+            CheckKind::Incus(_) => "incus",
+            CheckKind::Proxmox(_) => "proxmox",
         }
     }
 
@@ -37,13 +77,36 @@ impl CheckKind {
             CheckKind::Http(c) => c.validate(),
             CheckKind::Tcp(c) => c.validate(),
             CheckKind::Command(c) => c.validate(),
+            CheckKind::System(c) => c.validate(),
+            CheckKind::Process(c) => c.validate(),
+            CheckKind::Systemd(c) => c.validate(),
+            CheckKind::Docker(c) => c.validate(),
+            CheckKind::Gpu(c) => c.validate(),
+            CheckKind::Grpc(c) => c.validate(),
+            CheckKind::Web(c) => c.validate(),
+            CheckKind::DockerEngine(c) => c.validate(),
+            CheckKind::Lxd(c) => c.validate(),
+            CheckKind::Incus(c) => c.validate(),
+            CheckKind::Proxmox(c) => c.validate(),
         }
     }
 
     pub(crate) fn attachments(&self) -> Vec<String> {
         match self {
             CheckKind::Http(c) => c.attachments(),
-            CheckKind::Tcp(_) | CheckKind::Command(_) => Vec::new(),
+            CheckKind::Tcp(_)
+            | CheckKind::Command(_)
+            | CheckKind::System(_)
+            | CheckKind::Process(_)
+            | CheckKind::Systemd(_)
+            | CheckKind::Docker(_)
+            | CheckKind::Gpu(_)
+            | CheckKind::Grpc(_)
+            | CheckKind::Web(_)
+            | CheckKind::DockerEngine(_)
+            | CheckKind::Lxd(_)
+            | CheckKind::Incus(_)
+            | CheckKind::Proxmox(_) => Vec::new(),
         }
     }
 
@@ -52,6 +115,108 @@ impl CheckKind {
             CheckKind::Http(c) => c.run(timeout, files).await,
             CheckKind::Tcp(c) => c.run(timeout).await,
             CheckKind::Command(c) => c.run(timeout).await,
+            CheckKind::System(c) => c.run(timeout).await,
+            CheckKind::Process(c) => c.run(timeout).await,
+            CheckKind::Systemd(c) => c.run(timeout).await,
+            CheckKind::Docker(c) => c.run(timeout).await,
+            CheckKind::Gpu(c) => c.run(timeout).await,
+            CheckKind::Grpc(c) => c.run(timeout).await,
+            CheckKind::Web(c) => c.run(timeout, files).await,
+            CheckKind::DockerEngine(c) => c.run(timeout).await,
+            CheckKind::Lxd(c) => c.run("LXD", timeout).await,
+            CheckKind::Incus(c) => c.run("Incus", timeout).await,
+            CheckKind::Proxmox(c) => c.run(timeout).await,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// serde lists every variant in its "unknown variant" error: that list must equal KINDS,
+    /// and each name must round-trip through `name()`.
+    #[test]
+    fn kinds_matches_the_enum() {
+        let err = serde_json::from_value::<CheckKind>(serde_json::json!({"type": "vigil-nope"}))
+            .unwrap_err()
+            .to_string();
+        let listed: Vec<String> = err
+            .split("expected one of ")
+            .nth(1)
+            .unwrap_or_else(|| panic!("unexpected error text: {err}"))
+            .split(", ")
+            .map(|s| s.trim().trim_matches('`').to_string())
+            .collect();
+        assert_eq!(listed, KINDS, "{err}");
+        for name in KINDS {
+            // A bare tag fails on a missing field of the kind, never on an unknown variant.
+            let e = serde_json::from_value::<CheckKind>(serde_json::json!({"type": name}));
+            if let Err(e) = e {
+                assert!(!e.to_string().contains("unknown variant"), "{name}: {e}");
+            }
+        }
+    }
+
+    #[test]
+    fn name_agrees_with_the_tag() {
+        for (v, name) in [
+            (
+                serde_json::json!({"type": "http", "request": {"url": "http://a/"}}),
+                "http",
+            ),
+            (serde_json::json!({"type": "tcp", "address": "a:1"}), "tcp"),
+            (
+                serde_json::json!({"type": "command", "argv": ["true"]}),
+                "command",
+            ),
+            (
+                serde_json::json!({"type": "system", "memory": {}}),
+                "system",
+            ),
+            (
+                serde_json::json!({"type": "process", "name": "x"}),
+                "process",
+            ),
+            (
+                serde_json::json!({"type": "systemd", "unit": "ssh.service"}),
+                "systemd",
+            ),
+            (
+                serde_json::json!({"type": "docker", "container": "x"}),
+                "docker",
+            ),
+            (serde_json::json!({"type": "gpu"}), "gpu"),
+            (
+                serde_json::json!({"type": "grpc", "address": "a:1"}),
+                "grpc",
+            ),
+            (
+                serde_json::json!({"type": "web", "url": "http://a/"}),
+                "web",
+            ),
+            (
+                serde_json::json!({"type": "docker_engine", "url": "http://a:2375"}),
+                "docker_engine",
+            ),
+            (
+                serde_json::json!({"type": "lxd", "url": "https://a:8443", "tls": {"client_cert": "/c", "client_key": "/k"}}),
+                "lxd",
+            ),
+            (
+                serde_json::json!({"type": "incus", "url": "https://a:8443", "tls": {"client_cert": "/c", "client_key": "/k"}}),
+                "incus",
+            ),
+            (
+                serde_json::json!({"type": "proxmox", "url": "https://a:8006", "token_id": "root@pam!mon", "token_secret_env": "PVE_SECRET"}),
+                "proxmox",
+            ),
+        ] {
+            let k: CheckKind =
+                serde_json::from_value(v.clone()).unwrap_or_else(|e| panic!("{v}: {e}"));
+            assert_eq!(k.name(), name);
+            k.validate().unwrap_or_else(|e| panic!("{v}: {e}"));
+            assert!(KINDS.contains(&k.name()));
         }
     }
 }

@@ -112,6 +112,9 @@ pub struct CollectorFile {
     pub nodes: Vec<NodeConfig>,
     #[serde(default)]
     pub defaults: Defaults,
+    /// Webhooks for down / gave-up / recovered / flapping alerts.
+    #[serde(default)]
+    pub notify: crate::notify::NotifyConfig,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -160,6 +163,18 @@ fn d_within() -> Duration {
 fn d_retry_after() -> Duration {
     Duration::from_secs(3600)
 }
+fn d_grace() -> Duration {
+    Duration::from_secs(60)
+}
+fn d_flap_high() -> u8 {
+    50
+}
+fn d_flap_low() -> u8 {
+    25
+}
+fn d_command_deadline() -> Duration {
+    Duration::from_secs(300)
+}
 
 /// Global defaults for every service's `on_failure`.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -175,6 +190,18 @@ pub struct Defaults {
     pub within: Duration,
     #[serde(default = "d_retry_after", with = "humantime_serde")]
     pub retry_after: Duration,
+    /// After a restart, failures in this period do not count (the service is starting).
+    #[serde(default = "d_grace", with = "humantime_serde")]
+    pub grace: Duration,
+    /// Percent state change over the last 21 results above which a service is flapping ...
+    #[serde(default = "d_flap_high")]
+    pub flap_high: u8,
+    /// ... and below which it is not any more.
+    #[serde(default = "d_flap_low")]
+    pub flap_low: u8,
+    /// A command not finished by then is timed out (start/stop/restart/check).
+    #[serde(default = "d_command_deadline", with = "humantime_serde")]
+    pub command_deadline: Duration,
 }
 
 impl Default for Defaults {
@@ -185,6 +212,10 @@ impl Default for Defaults {
             max_restarts: d_max_restarts(),
             within: d_within(),
             retry_after: d_retry_after(),
+            grace: d_grace(),
+            flap_high: d_flap_high(),
+            flap_low: d_flap_low(),
+            command_deadline: d_command_deadline(),
         }
     }
 }
@@ -227,6 +258,10 @@ pub struct ServiceFile {
     pub control: Option<ControlSpec>,
     #[serde(default)]
     pub on_failure: OnFailureFile,
+    /// Services this one needs: while one of them is down, this one is not restarted and its
+    /// alerts name the dependency.
+    #[serde(default)]
+    pub depends_on: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
@@ -250,6 +285,10 @@ pub struct OnFailureFile {
     pub within: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     pub retry_after: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub grace: Option<Duration>,
+    pub flap_high: Option<u8>,
+    pub flap_low: Option<u8>,
 }
 
 /// Thresholds in force for one service.
@@ -257,6 +296,10 @@ pub struct OnFailureFile {
 pub struct Thresholds {
     pub after: u32,
     pub recover_after: u32,
+    /// Percent state change above which the service counts as flapping ...
+    pub flap_high: u8,
+    /// ... and below which it stops flapping.
+    pub flap_low: u8,
 }
 
 /// A service after loading: defaults applied, attachments read.
@@ -274,6 +317,9 @@ pub struct Service {
     pub max_restarts: u32,
     pub within: Duration,
     pub retry_after: Duration,
+    pub grace: Duration,
+    pub depends_on: Vec<String>,
+    pub command_deadline: Duration,
     /// The file it came from.
     pub source: PathBuf,
 }
@@ -290,6 +336,7 @@ pub struct Config {
     pub services: Vec<Service>,
     /// Bytes of files that checks upload, keyed by the path written in the spec.
     pub attachments: HashMap<String, Vec<u8>>,
+    pub notify: crate::notify::NotifyConfig,
 }
 
 /// Largest attachment total shipped to one agent (bytes); the gRPC message limit is above it.
@@ -413,6 +460,16 @@ impl Config {
             services.push(svc);
         }
 
+        for svc in &services {
+            if let Some(missing) = svc.depends_on.iter().find(|d| !ids.contains_key(*d)) {
+                return Err(invalid(
+                    &svc.source,
+                    "depends_on",
+                    format!("unknown service {missing:?}"),
+                ));
+            }
+        }
+
         Ok(Config {
             path: path.to_path_buf(),
             grpc_listen: file.grpc_listen,
@@ -426,6 +483,7 @@ impl Config {
             nodes: file.nodes,
             services,
             attachments,
+            notify: file.notify,
         })
     }
 
@@ -469,7 +527,30 @@ impl Config {
         let thresholds = Thresholds {
             after: of.after.unwrap_or(d.after),
             recover_after: of.recover_after.unwrap_or(d.recover_after),
+            flap_high: of.flap_high.unwrap_or(d.flap_high),
+            flap_low: of.flap_low.unwrap_or(d.flap_low),
         };
+        if thresholds.flap_low >= thresholds.flap_high || thresholds.flap_high > 100 {
+            return Err(invalid(
+                f,
+                "on_failure.flap_low",
+                "flap_low must be below flap_high, and flap_high at most 100",
+            ));
+        }
+        if of.action == FailureAction::Restart && sf.control.is_none() {
+            return Err(invalid(
+                f,
+                "on_failure.action",
+                "restart needs a control: block saying how to restart the service",
+            ));
+        }
+        if sf.depends_on.iter().any(|d| d == &sf.id) {
+            return Err(invalid(
+                f,
+                "depends_on",
+                "a service cannot depend on itself",
+            ));
+        }
         if thresholds.after == 0 {
             return Err(invalid(f, "on_failure.after", "must be at least 1"));
         }
@@ -489,6 +570,9 @@ impl Config {
             max_restarts: of.max_restarts.unwrap_or(d.max_restarts),
             within: of.within.unwrap_or(d.within),
             retry_after: of.retry_after.unwrap_or(d.retry_after),
+            grace: of.grace.unwrap_or(d.grace),
+            depends_on: sf.depends_on,
+            command_deadline: d.command_deadline,
             source: f.to_path_buf(),
         })
     }
@@ -546,7 +630,9 @@ defaults:
             s.thresholds,
             Thresholds {
                 after: 4,
-                recover_after: 2
+                recover_after: 2,
+                flap_high: 50,
+                flap_low: 25
             }
         );
         assert_eq!(s.check.interval, Duration::from_secs(30));
@@ -613,6 +699,18 @@ defaults:
         let (_dir, path) = setup(&[("db.yaml", &s)]);
         let err = load(&path).unwrap_err().to_string();
         assert!(err.contains("on_failure.after"), "{err}");
+        // restart needs a control block; depends_on must name known services.
+        let s = format!("{TCP}on_failure:\n  action: restart\n");
+        let (_dir, path) = setup(&[("db.yaml", &s)]);
+        let err = load(&path).unwrap_err().to_string();
+        assert!(
+            err.contains("on_failure.action") && err.contains("control"),
+            "{err}"
+        );
+        let s = format!("{TCP}depends_on: [nope]\n");
+        let (_dir, path) = setup(&[("db.yaml", &s)]);
+        let err = load(&path).unwrap_err().to_string();
+        assert!(err.contains("depends_on") && err.contains("nope"), "{err}");
     }
 
     #[test]

@@ -47,6 +47,7 @@ pub struct Hub {
     sessions: std::sync::Mutex<HashMap<String, Session>>,
     next_id: AtomicU64,
     pub shutdown: CancellationToken,
+    pub notifier: crate::notify::Notifier,
 }
 
 fn fnv1a(h: &mut u64, bytes: &[u8]) {
@@ -89,7 +90,9 @@ pub fn config_update(cfg: &Config, node: &str) -> v1::ConfigUpdate {
 
 impl Hub {
     pub fn new(store: Store, config: Config) -> Arc<Hub> {
+        let notifier = crate::notify::Notifier::start(&config.notify);
         Arc::new(Hub {
+            notifier,
             store,
             config: RwLock::new(Arc::new(config)),
             sessions: std::sync::Mutex::new(HashMap::new()),
@@ -120,6 +123,15 @@ impl Hub {
             let _ = tx.send(Ok(msg(Out::Config(update)))).await;
         }
         Ok(())
+    }
+
+    /// The outbound stream of `node`'s agent, if it is connected.
+    pub fn session_tx(&self, node: &str) -> Option<Tx> {
+        self.sessions
+            .lock()
+            .expect("sessions lock")
+            .get(node)
+            .map(|s| s.tx.clone())
     }
 
     /// Names of nodes whose agent is connected now.
@@ -295,6 +307,16 @@ impl v1::agent_service_server::AgentService for AgentSvc {
         {
             tracing::error!(%node, error = %e, "cannot record agent connection");
         }
+        // Commands that waited for this agent go out now.
+        let hub = self.hub.clone();
+        let n = node.clone();
+        tokio::spawn(async move {
+            if let Ok(rows) = hub.store.open_commands().await {
+                for row in rows.iter().filter(|r| r.node == n && r.status == "pending") {
+                    crate::remediation::dispatch(&hub, row).await;
+                }
+            }
+        });
         tracing::info!(
             %node, peer = ?peer, agent_version = %hello.agent_version,
             config_version = hello.config_version, first_unacked_seq = hello.first_unacked_seq,
@@ -356,7 +378,7 @@ async fn run_session(
             }
             Some(In::Pong(_)) => {}
             Some(In::CommandResult(r)) => {
-                tracing::info!(%node, command_id = %r.command_id, success = r.success, "command result");
+                crate::remediation::on_agent_result(hub, node, r).await;
             }
             Some(In::Hello(_)) => {
                 let _ = tx
@@ -419,14 +441,76 @@ async fn ingest(hub: &Hub, node: &str, batch: v1::ResultBatch, tx: &Tx) -> Resul
         %node, inserted = report.inserted, duplicates = report.duplicates,
         elapsed_ms = started.elapsed().as_millis() as u64, "batch committed"
     );
-    for (service, t) in &report.transitions {
-        tracing::info!(%node, %service, from = %t.from, to = %t.to, reason = %t.reason, "service state changed");
-    }
     let _ = tx
         .send(Ok(msg(Out::Ack(v1::Ack {
             outbox_epoch: batch.outbox_epoch,
             up_to_seq: up_to,
         }))))
         .await;
+    after_ingest(hub, node, &report).await;
     Ok(())
+}
+
+/// What follows committed results: log and notify transitions, then let remediation act on the
+/// services that are down (or just changed).
+pub async fn after_ingest(hub: &Hub, node: &str, report: &crate::store::IngestReport) {
+    let cfg = hub.config().await;
+    for (service, t) in &report.transitions {
+        tracing::info!(%node, %service, from = %t.from, to = %t.to, reason = %t.reason, "service state changed");
+        let Some(svc) = cfg.service(service) else {
+            continue;
+        };
+        match t.to {
+            crate::state::State::Down => {
+                let down_deps: Vec<&String> = svc
+                    .depends_on
+                    .iter()
+                    .filter(|d| {
+                        report
+                            .states
+                            .iter()
+                            .any(|(id, s)| id == *d && *s == crate::state::State::Down)
+                    })
+                    .collect();
+                let reason = if down_deps.is_empty() {
+                    t.reason.clone()
+                } else {
+                    format!(
+                        "{} (dependency down: {})",
+                        t.reason,
+                        down_deps
+                            .iter()
+                            .map(|d| d.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )
+                };
+                hub.notifier.down(svc, &reason);
+            }
+            crate::state::State::Healthy if t.from == crate::state::State::Down => {
+                hub.notifier.recovered(svc, &t.reason)
+            }
+            _ => {}
+        }
+    }
+    for (service, f) in &report.flaps {
+        if f.flapping
+            && let Some(svc) = cfg.service(service)
+        {
+            hub.notifier.flapping(
+                svc,
+                &format!(
+                    "{:.0}% state change over the last 21 results; not restarted while flapping",
+                    f.percent
+                ),
+            );
+        }
+    }
+    let ids: Vec<String> = report
+        .states
+        .iter()
+        .filter(|(_, s)| *s == crate::state::State::Down)
+        .map(|(id, _)| id.clone())
+        .collect();
+    crate::remediation::evaluate(hub, &ids).await;
 }

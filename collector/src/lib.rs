@@ -5,6 +5,9 @@
 pub mod ca;
 pub mod config;
 pub mod grpc;
+pub mod notify;
+pub mod remediation;
+pub mod ssh;
 pub mod state;
 pub mod status;
 pub mod store;
@@ -84,6 +87,34 @@ impl Collector {
                 .await;
             if let Err(e) = result {
                 tracing::error!(error = %e, "gRPC server stopped");
+            }
+        });
+        // Remediation: commands left by the previous run, then a periodic pass, and commands
+        // created by other processes (the ctl CLI) as soon as they are notified.
+        remediation::recover(&hub).await;
+        let ticker_hub = hub.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(Duration::from_secs(2));
+            loop {
+                tokio::select! {
+                    _ = ticker_hub.shutdown.cancelled() => return,
+                    _ = every.tick() => remediation::tick(&ticker_hub).await,
+                }
+            }
+        });
+        let mut notified = Store::listen_commands(&hub.config().await.database_url)?;
+        let listen_hub = hub.clone();
+        tokio::spawn(async move {
+            loop {
+                let id = tokio::select! {
+                    _ = listen_hub.shutdown.cancelled() => return,
+                    id = notified.recv() => match id { Some(id) => id, None => return },
+                };
+                if let Ok(Some(cmd)) = listen_hub.store.command(id).await
+                    && cmd.status == "pending"
+                {
+                    remediation::dispatch(&listen_hub, &cmd).await;
+                }
             }
         });
         tracing::info!(addr = %grpc_addr, "collector listening for agents (mTLS)");

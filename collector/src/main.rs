@@ -36,11 +36,45 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Act on a service through the same path as automatic remediation (audited with --as).
+    Ctl {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Who asks (recorded with the command); default: $USER.
+        #[arg(long = "as", env = "USER", default_value = "cli")]
+        who: String,
+        /// How long to wait for the outcome.
+        #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
+        wait: std::time::Duration,
+        #[command(subcommand)]
+        action: CtlAction,
+    },
     /// Certificate authority for the agent stream.
     Ca {
         #[command(subcommand)]
         command: CaCommand,
     },
+}
+
+#[derive(Subcommand)]
+enum CtlAction {
+    /// Start the service (a stopped service becomes active again).
+    Start { service: String },
+    /// Stop the service on purpose: it is then `stopped` and never restarted automatically.
+    Stop { service: String },
+    /// Restart the service now.
+    Restart { service: String },
+    /// Run the service's check now and print its result.
+    Check { service: String },
+    /// Maintenance: checks go on, but no restart and no alert (until resume or --for expires).
+    Pause {
+        service: String,
+        /// End the pause automatically after this long (e.g. 2h).
+        #[arg(long = "for", value_parser = humantime::parse_duration)]
+        duration: Option<std::time::Duration>,
+    },
+    /// End a pause.
+    Resume { service: String },
 }
 
 #[derive(Subcommand)]
@@ -88,6 +122,12 @@ async fn main() -> anyhow::Result<()> {
             print!("{}", status::render(&rows, chrono::Utc::now()));
             Ok(())
         }
+        Command::Ctl {
+            config,
+            who,
+            wait,
+            action,
+        } => ctl(config, who, wait, action).await,
         Command::CheckConfig { config } => {
             let cfg = Config::load(&config)?;
             println!(
@@ -144,4 +184,118 @@ async fn serve(path: PathBuf) -> anyhow::Result<()> {
     tracing::info!("shutting down");
     collector.shutdown().await;
     Ok(())
+}
+
+async fn ctl(
+    path: PathBuf,
+    who: String,
+    wait: std::time::Duration,
+    action: CtlAction,
+) -> anyhow::Result<()> {
+    let cfg = Config::load(&path)?;
+    let (verb, service) = match &action {
+        CtlAction::Start { service } => ("start", service),
+        CtlAction::Stop { service } => ("stop", service),
+        CtlAction::Restart { service } => ("restart", service),
+        CtlAction::Check { service } => ("check", service),
+        CtlAction::Pause { service, .. } => ("pause", service),
+        CtlAction::Resume { service } => ("resume", service),
+    };
+    let Some(svc) = cfg.service(service) else {
+        let mut ids: Vec<&str> = cfg.services.iter().map(|s| s.id.as_str()).collect();
+        ids.sort_unstable();
+        anyhow::bail!("no service {service:?}; services: {}", ids.join(", "));
+    };
+    let store = Store::connect(&cfg.database_url, 1).await?;
+    match action {
+        CtlAction::Pause { duration, .. } => {
+            let until = duration
+                .map(|d| chrono::Utc::now() + chrono::Duration::from_std(d).unwrap_or_default());
+            store
+                .set_mode(&svc.id, "paused", until, &format!("paused by {who}"))
+                .await?;
+            println!(
+                "{} paused{}",
+                svc.id,
+                until.map(|u| format!(" until {u}")).unwrap_or_default()
+            );
+            return Ok(());
+        }
+        CtlAction::Resume { .. } => {
+            store
+                .set_mode(&svc.id, "active", None, &format!("resumed by {who}"))
+                .await?;
+            println!("{} active", svc.id);
+            return Ok(());
+        }
+        _ => {}
+    }
+    let deadline =
+        chrono::Utc::now() + chrono::Duration::from_std(svc.command_deadline).unwrap_or_default();
+    let reason = format!("{verb} requested by {who}");
+    let id = store
+        .create_command(&vigil_collector::store::NewCommand {
+            service_id: &svc.id,
+            node: &svc.node,
+            action: verb,
+            origin: "manual",
+            requested_by: &who,
+            reason: &reason,
+            deadline,
+        })
+        .await?
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "{} already has a command in flight; see its outcome first",
+                svc.id
+            )
+        })?;
+    println!(
+        "command {id}: {verb} {} on {} (requested by {who})",
+        svc.id, svc.node
+    );
+    let until = std::time::Instant::now() + wait;
+    loop {
+        let row = store
+            .command(id)
+            .await?
+            .context("the command disappeared")?;
+        if row.finished_at.is_some() {
+            println!(
+                "{}: {}{}",
+                row.status,
+                row.via
+                    .as_deref()
+                    .map(|v| format!("via {v}, "))
+                    .unwrap_or_default(),
+                row.exit_code
+                    .map(|c| format!("exit code {c}"))
+                    .unwrap_or_else(|| "no exit code".into())
+            );
+            if !row.output.is_empty() {
+                println!("{}", row.output.trim_end());
+            }
+            if verb == "check"
+                && let Some((status, message, ms)) = store.check_now_result(&svc.node, id).await?
+            {
+                println!(
+                    "check: {} in {ms} ms: {message}",
+                    status.as_str().to_uppercase()
+                );
+            }
+            if row.status != "succeeded" {
+                std::process::exit(1);
+            }
+            return Ok(());
+        }
+        if std::time::Instant::now() >= until {
+            anyhow::bail!(
+                "command {id} is still {} after {}; it goes on (deadline {})",
+                row.status,
+                humantime::format_duration(wait),
+                row.deadline
+            );
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
 }

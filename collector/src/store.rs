@@ -10,7 +10,7 @@ use tokio_postgres::NoTls;
 use vigil_checks::{Metric, Status};
 
 use crate::config::{Config, Thresholds};
-use crate::state::{State, Tracker, Transition};
+use crate::state::{FlapChange, State, Tracker, Transition};
 
 mod embedded {
     refinery::embed_migrations!("migrations");
@@ -53,6 +53,9 @@ pub struct IngestReport {
     pub inserted: usize,
     pub duplicates: usize,
     pub transitions: Vec<(String, Transition)>,
+    pub flaps: Vec<(String, FlapChange)>,
+    /// The state of every service that got new results, after them.
+    pub states: Vec<(String, State)>,
 }
 
 /// One line of `vigil-collector status`.
@@ -309,55 +312,82 @@ impl Store {
             }
             let rows = tx
                 .query(
-                    "SELECT service_id, state, consecutive_failures, consecutive_successes
+                    "SELECT service_id, state, consecutive_failures, consecutive_successes,
+                            history, history_len, flapping, grace_until
                      FROM service_state WHERE service_id = ANY($1) ORDER BY service_id FOR UPDATE",
                     &[&ids],
                 )
                 .await?;
-            let mut trackers: HashMap<String, (Tracker, bool)> = HashMap::new();
+            struct Slot {
+                tracker: Tracker,
+                changed: bool,
+                grace_until: Option<DateTime<Utc>>,
+                became_healthy: bool,
+            }
+            let mut slots: HashMap<String, Slot> = HashMap::new();
             for row in rows {
                 let state: String = row.get(1);
-                trackers.insert(
+                slots.insert(
                     row.get(0),
-                    (
-                        Tracker {
+                    Slot {
+                        tracker: Tracker {
                             state: State::parse(&state).unwrap_or(State::Unknown),
                             consecutive_failures: row.get::<_, i32>(2).max(0) as u32,
                             consecutive_successes: row.get::<_, i32>(3).max(0) as u32,
+                            history: row.get::<_, i64>(4) as u64,
+                            history_len: row.get::<_, i32>(5).max(0) as u32,
+                            flapping: row.get(6),
                         },
-                        false,
-                    ),
+                        changed: false,
+                        grace_until: row.get(7),
+                        became_healthy: false,
+                    },
                 );
             }
             let mut last: HashMap<&str, &ResultIn> = HashMap::new();
             let mut last_failure: HashMap<&str, &ResultIn> = HashMap::new();
             for r in &new {
-                let (tracker, changed) = trackers.entry(r.service_id.clone()).or_default();
-                if let Some(t) =
-                    tracker.observe(r.status.is_up(), &r.message, thresholds[&r.service_id])
-                {
-                    *changed = true;
+                let Some(slot) = slots.get_mut(&r.service_id) else {
+                    continue;
+                };
+                let up = r.status.is_up();
+                last.insert(&r.service_id, r);
+                if !up {
+                    last_failure.insert(&r.service_id, r);
+                    // A failure during the grace period after a restart does not count.
+                    if slot.grace_until.is_some_and(|g| r.started_at < g) {
+                        continue;
+                    }
+                }
+                let (t, flap) = slot
+                    .tracker
+                    .observe_all(up, &r.message, thresholds[&r.service_id]);
+                if let Some(t) = t {
+                    slot.changed = true;
+                    slot.became_healthy = t.to == State::Healthy;
                     report.transitions.push((r.service_id.clone(), t));
                 }
-                last.insert(&r.service_id, r);
-                if !r.status.is_up() {
-                    last_failure.insert(&r.service_id, r);
+                if let Some(f) = flap {
+                    report.flaps.push((r.service_id.clone(), f));
                 }
             }
             for (id, r) in &last {
-                let (t, changed) = trackers[*id];
+                let slot = &slots[*id];
+                let t = slot.tracker;
                 let fail = last_failure.get(id);
                 tx.execute(
                     "UPDATE service_state SET state = $2,
                        state_since = CASE WHEN $3 THEN now() ELSE state_since END,
                        consecutive_failures = $4, consecutive_successes = $5, last_status = $6,
                        last_check_at = $7, last_response_ms = $8, last_message = $9,
-                       last_error = COALESCE($10, last_error), last_error_at = COALESCE($11, last_error_at)
+                       last_error = COALESCE($10, last_error), last_error_at = COALESCE($11, last_error_at),
+                       history = $12, history_len = $13, flapping = $14,
+                       healthy_since = CASE WHEN $15 THEN now() WHEN $2 = 'healthy' THEN healthy_since ELSE NULL END
                      WHERE service_id = $1",
                     &[
                         id,
                         &t.state.as_str(),
-                        &changed,
+                        &slot.changed,
                         &(t.consecutive_failures.min(i32::MAX as u32) as i32),
                         &(t.consecutive_successes.min(i32::MAX as u32) as i32),
                         &status_code(r.status),
@@ -366,14 +396,40 @@ impl Store {
                         &r.message,
                         &fail.map(|f| f.message.as_str()),
                         &fail.map(|f| f.started_at),
+                        &(t.history as i64),
+                        &(t.history_len as i32),
+                        &t.flapping,
+                        &slot.became_healthy,
                     ],
                 )
                 .await?;
+                report.states.push((id.to_string(), t.state));
             }
             for (id, t) in &report.transitions {
                 tx.execute(
-                    "INSERT INTO events (service_id, from_state, to_state, reason) VALUES ($1, $2, $3, $4)",
+                    "INSERT INTO events (service_id, kind, from_state, to_state, reason) VALUES ($1, 'state', $2, $3, $4)",
                     &[id, &t.from.as_str(), &t.to.as_str(), &t.reason],
+                )
+                .await?;
+            }
+            for (id, f) in &report.flaps {
+                let (to, reason) = if f.flapping {
+                    (
+                        "flapping",
+                        format!(
+                            "started flapping: {:.0}% state change over the last 21 results",
+                            f.percent
+                        ),
+                    )
+                } else {
+                    (
+                        "steady",
+                        format!("stopped flapping: {:.0}% state change", f.percent),
+                    )
+                };
+                tx.execute(
+                    "INSERT INTO events (service_id, kind, from_state, to_state, reason) VALUES ($1, 'flapping', '', $2, $3)",
+                    &[id, &to, &reason],
                 )
                 .await?;
             }
@@ -415,5 +471,440 @@ impl Store {
                 last_error: r.get(8),
             })
             .collect())
+    }
+}
+
+/// A command to create.
+#[derive(Debug, Clone)]
+pub struct NewCommand<'a> {
+    pub service_id: &'a str,
+    pub node: &'a str,
+    pub action: &'a str,
+    pub origin: &'a str,
+    pub requested_by: &'a str,
+    pub reason: &'a str,
+    pub deadline: DateTime<Utc>,
+}
+
+/// A row of `commands`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CommandRow {
+    pub id: i64,
+    pub service_id: String,
+    pub node: String,
+    pub action: String,
+    pub origin: String,
+    pub requested_by: String,
+    pub reason: String,
+    pub via: Option<String>,
+    pub status: String,
+    pub attempt: i32,
+    pub created_at: DateTime<Utc>,
+    pub sent_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub deadline: DateTime<Utc>,
+    pub exit_code: Option<i32>,
+    pub output: String,
+}
+
+const COMMAND_COLUMNS: &str =
+    "id, service_id, node, action, origin, requested_by, reason, via, status, attempt,
+     created_at, sent_at, finished_at, deadline, exit_code, output";
+
+fn command_row(r: &tokio_postgres::Row) -> CommandRow {
+    CommandRow {
+        id: r.get(0),
+        service_id: r.get(1),
+        node: r.get(2),
+        action: r.get(3),
+        origin: r.get(4),
+        requested_by: r.get(5),
+        reason: r.get(6),
+        via: r.get(7),
+        status: r.get(8),
+        attempt: r.get(9),
+        created_at: r.get(10),
+        sent_at: r.get(11),
+        finished_at: r.get(12),
+        deadline: r.get(13),
+        exit_code: r.get(14),
+        output: r.get(15),
+    }
+}
+
+/// What remediation needs to know about one service.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServiceView {
+    pub service_id: String,
+    pub state: State,
+    pub mode: String,
+    pub paused_until: Option<DateTime<Utc>>,
+    pub flapping: bool,
+    pub restarts_used: u32,
+    pub gave_up_at: Option<DateTime<Utc>>,
+    pub healthy_since: Option<DateTime<Utc>>,
+    pub grace_until: Option<DateTime<Utc>>,
+    pub in_flight: bool,
+}
+
+/// The channel the collector listens on for new commands (`NOTIFY vigil_commands, 'ID'`).
+pub const COMMANDS_CHANNEL: &str = "vigil_commands";
+
+impl Store {
+    /// Creates a command and notifies listening collectors. `None` when the service already has
+    /// a start/stop/restart in flight (only one at a time).
+    pub async fn create_command(&self, c: &NewCommand<'_>) -> Result<Option<i64>, StoreError> {
+        let client = self.pool.get().await?;
+        let row = client
+            .query_opt(
+                "INSERT INTO commands (service_id, node, action, origin, requested_by, reason, deadline)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)
+                 ON CONFLICT (service_id) WHERE status IN ('pending', 'sent') AND action <> 'check' DO NOTHING
+                 RETURNING id",
+                &[&c.service_id, &c.node, &c.action, &c.origin, &c.requested_by, &c.reason, &c.deadline],
+            )
+            .await?;
+        let Some(row) = row else { return Ok(None) };
+        let id: i64 = row.get(0);
+        client
+            .execute(
+                "SELECT pg_notify($1, $2)",
+                &[&COMMANDS_CHANNEL, &id.to_string()],
+            )
+            .await?;
+        Ok(Some(id))
+    }
+
+    pub async fn command(&self, id: i64) -> Result<Option<CommandRow>, StoreError> {
+        let client = self.pool.get().await?;
+        let sql = format!("SELECT {COMMAND_COLUMNS} FROM commands WHERE id = $1");
+        Ok(client
+            .query_opt(&sql, &[&id])
+            .await?
+            .as_ref()
+            .map(command_row))
+    }
+
+    /// Commands still pending or sent, oldest first.
+    pub async fn open_commands(&self) -> Result<Vec<CommandRow>, StoreError> {
+        let client = self.pool.get().await?;
+        let sql = format!(
+            "SELECT {COMMAND_COLUMNS} FROM commands WHERE status IN ('pending', 'sent') ORDER BY id"
+        );
+        Ok(client
+            .query(&sql, &[])
+            .await?
+            .iter()
+            .map(command_row)
+            .collect())
+    }
+
+    /// Marks a command sent (by `via`), counting the attempt. False if it is no longer open.
+    pub async fn mark_sent(&self, id: i64, via: &str) -> Result<bool, StoreError> {
+        let client = self.pool.get().await?;
+        let n = client
+            .execute(
+                "UPDATE commands SET status = 'sent', via = $2, sent_at = now(),
+                   attempt = CASE WHEN sent_at IS NULL THEN attempt ELSE attempt + 1 END
+                 WHERE id = $1 AND status IN ('pending', 'sent')",
+                &[&id, &via],
+            )
+            .await?;
+        Ok(n == 1)
+    }
+
+    /// Records a command's outcome (`succeeded`, `failed`, `timed_out`) if it is still open;
+    /// returns the finished row, or `None` if it had already finished.
+    pub async fn finish_command(
+        &self,
+        id: i64,
+        status: &str,
+        exit_code: Option<i32>,
+        output: &str,
+    ) -> Result<Option<CommandRow>, StoreError> {
+        let client = self.pool.get().await?;
+        let sql = format!(
+            "UPDATE commands SET status = $2, exit_code = $3, output = $4, finished_at = now()
+             WHERE id = $1 AND status IN ('pending', 'sent') RETURNING {COMMAND_COLUMNS}"
+        );
+        Ok(client
+            .query_opt(&sql, &[&id, &status, &exit_code, &output])
+            .await?
+            .as_ref()
+            .map(command_row))
+    }
+
+    /// Times out every open command past its deadline; returns them.
+    pub async fn expire_commands(&self) -> Result<Vec<CommandRow>, StoreError> {
+        let client = self.pool.get().await?;
+        let sql = format!(
+            "UPDATE commands SET status = 'timed_out', finished_at = now(),
+               output = CASE WHEN output = '' THEN 'no result before the deadline' ELSE output END
+             WHERE status IN ('pending', 'sent') AND deadline < now() RETURNING {COMMAND_COLUMNS}"
+        );
+        Ok(client
+            .query(&sql, &[])
+            .await?
+            .iter()
+            .map(command_row)
+            .collect())
+    }
+
+    /// Recent commands of a service, newest first.
+    pub async fn commands_of(
+        &self,
+        service_id: &str,
+        limit: i64,
+    ) -> Result<Vec<CommandRow>, StoreError> {
+        let client = self.pool.get().await?;
+        let sql = format!(
+            "SELECT {COMMAND_COLUMNS} FROM commands WHERE service_id = $1 ORDER BY id DESC LIMIT $2"
+        );
+        Ok(client
+            .query(&sql, &[&service_id, &limit])
+            .await?
+            .iter()
+            .map(command_row)
+            .collect())
+    }
+
+    pub async fn views(&self, ids: &[&str]) -> Result<Vec<ServiceView>, StoreError> {
+        let client = self.pool.get().await?;
+        let rows = client
+            .query(
+                "SELECT st.service_id, st.state, st.mode, st.paused_until, st.flapping, st.restarts_used,
+                        st.gave_up_at, st.healthy_since, st.grace_until,
+                        EXISTS (SELECT 1 FROM commands c WHERE c.service_id = st.service_id
+                                AND c.status IN ('pending', 'sent') AND c.action <> 'check')
+                 FROM service_state st WHERE st.service_id = ANY($1)",
+                &[&ids],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| ServiceView {
+                service_id: r.get(0),
+                state: State::parse(r.get(1)).unwrap_or(State::Unknown),
+                mode: r.get(2),
+                paused_until: r.get(3),
+                flapping: r.get(4),
+                restarts_used: r.get::<_, i32>(5).max(0) as u32,
+                gave_up_at: r.get(6),
+                healthy_since: r.get(7),
+                grace_until: r.get(8),
+                in_flight: r.get(9),
+            })
+            .collect())
+    }
+
+    /// Ids of active services that are down (for the periodic remediation pass).
+    pub async fn down_services(&self) -> Result<Vec<String>, StoreError> {
+        let client = self.pool.get().await?;
+        Ok(client
+            .query(
+                "SELECT st.service_id FROM service_state st JOIN services s ON s.id = st.service_id
+                 WHERE s.active AND (st.state = 'down' OR st.restarts_used > 0 OR st.mode = 'paused')",
+                &[],
+            )
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect())
+    }
+
+    /// Records an event.
+    pub async fn add_event(
+        &self,
+        service_id: &str,
+        kind: &str,
+        from: &str,
+        to: &str,
+        reason: &str,
+    ) -> Result<(), StoreError> {
+        let client = self.pool.get().await?;
+        client
+            .execute(
+                "INSERT INTO events (service_id, kind, from_state, to_state, reason) VALUES ($1, $2, $3, $4, $5)",
+                &[&service_id, &kind, &from, &to, &reason],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Counts an automatic restart against the budget.
+    pub async fn count_restart(&self, service_id: &str) -> Result<(), StoreError> {
+        let client = self.pool.get().await?;
+        client
+            .execute(
+                "UPDATE service_state SET restarts_used = restarts_used + 1, gave_up_at = NULL WHERE service_id = $1",
+                &[&service_id],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Starts the grace period after a restart or start.
+    pub async fn set_grace(
+        &self,
+        service_id: &str,
+        until: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        let client = self.pool.get().await?;
+        client
+            .execute(
+                "UPDATE service_state SET grace_until = $2 WHERE service_id = $1",
+                &[&service_id, &until],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Records giving up (the budget is spent).
+    pub async fn give_up(&self, service_id: &str, reason: &str) -> Result<(), StoreError> {
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        tx.execute(
+            "UPDATE service_state SET gave_up_at = now() WHERE service_id = $1",
+            &[&service_id],
+        )
+        .await?;
+        tx.execute(
+            "INSERT INTO events (service_id, kind, from_state, to_state, reason) VALUES ($1, 'remediation', 'down', 'gave_up', $2)",
+            &[&service_id, &reason],
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Refills the restart budget (healthy for a whole window).
+    pub async fn refill_budget(&self, service_id: &str) -> Result<(), StoreError> {
+        let client = self.pool.get().await?;
+        client
+            .execute(
+                "UPDATE service_state SET restarts_used = 0, gave_up_at = NULL WHERE service_id = $1",
+                &[&service_id],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Sets the operator mode (`active`, `stopped`, `paused`) and records who and why.
+    pub async fn set_mode(
+        &self,
+        service_id: &str,
+        mode: &str,
+        paused_until: Option<DateTime<Utc>>,
+        reason: &str,
+    ) -> Result<(), StoreError> {
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        let old: Option<String> = tx
+            .query_opt(
+                "SELECT mode FROM service_state WHERE service_id = $1 FOR UPDATE",
+                &[&service_id],
+            )
+            .await?
+            .map(|r| r.get(0));
+        tx.execute(
+            "UPDATE service_state SET mode = $2, paused_until = $3 WHERE service_id = $1",
+            &[&service_id, &mode, &paused_until],
+        )
+        .await?;
+        if old.as_deref() != Some(mode) {
+            tx.execute(
+                "INSERT INTO events (service_id, kind, from_state, to_state, reason) VALUES ($1, 'mode', $2, $3, $4)",
+                &[&service_id, &old.unwrap_or_default(), &mode, &reason],
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Listens for new command ids (NOTIFY on [`COMMANDS_CHANNEL`]) on a dedicated connection;
+    /// reconnects after a failure. Ends when the receiver is dropped.
+    pub fn listen_commands(url: &str) -> Result<tokio::sync::mpsc::Receiver<i64>, StoreError> {
+        let cfg: tokio_postgres::Config = url
+            .parse()
+            .map_err(|e: tokio_postgres::Error| StoreError::Url(e.to_string()))?;
+        let (tx, rx) = tokio::sync::mpsc::channel(256);
+        tokio::spawn(async move {
+            loop {
+                if tx.is_closed() {
+                    return;
+                }
+                match cfg.connect(NoTls).await {
+                    Ok((client, mut conn)) => {
+                        let (ntx, mut nrx) = tokio::sync::mpsc::unbounded_channel();
+                        let driver = tokio::spawn(async move {
+                            let mut stream =
+                                futures::stream::poll_fn(move |cx| conn.poll_message(cx));
+                            use futures::StreamExt;
+                            while let Some(msg) = stream.next().await {
+                                match msg {
+                                    Ok(tokio_postgres::AsyncMessage::Notification(n)) => {
+                                        let _ = ntx.send(n.payload().to_string());
+                                    }
+                                    Ok(_) => {}
+                                    Err(e) => {
+                                        tracing::warn!(error = %e, "command listener connection failed");
+                                        break;
+                                    }
+                                }
+                            }
+                        });
+                        if let Err(e) = client
+                            .batch_execute(&format!("LISTEN {COMMANDS_CHANNEL}"))
+                            .await
+                        {
+                            tracing::warn!(error = %e, "cannot LISTEN for commands");
+                        } else {
+                            while let Some(payload) = nrx.recv().await {
+                                if let Ok(id) = payload.parse::<i64>()
+                                    && tx.send(id).await.is_err()
+                                {
+                                    return;
+                                }
+                            }
+                        }
+                        driver.abort();
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "command listener cannot connect; retrying")
+                    }
+                }
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+        });
+        Ok(rx)
+    }
+}
+
+impl Store {
+    /// The result a check-now command stored (epoch 0, seq = command id): status, message,
+    /// duration in ms.
+    pub async fn check_now_result(
+        &self,
+        node: &str,
+        command_id: i64,
+    ) -> Result<Option<(Status, String, i32)>, StoreError> {
+        let client = self.pool.get().await?;
+        Ok(client
+            .query_opt(
+                "SELECT status, message, duration_ms FROM check_results
+                 WHERE node = $1 AND outbox_epoch = 0 AND seq = $2",
+                &[&node, &command_id],
+            )
+            .await?
+            .map(|r| {
+                let status = match r.get::<_, i16>(0) {
+                    0 => Status::Ok,
+                    1 => Status::Warning,
+                    2 => Status::Critical,
+                    _ => Status::Unknown,
+                };
+                (status, r.get(1), r.get(2))
+            }))
     }
 }

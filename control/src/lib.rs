@@ -2,8 +2,12 @@
 //! service file), turned into a [`Plan`] that travels to whoever carries it out (the agent, or
 //! the collector over SSH), and executed locally by the agent. Knows no gRPC and no SQL.
 
+pub mod docker;
+pub mod exec;
+
 use std::time::Duration;
 
+pub use exec::execute;
 use serde::{Deserialize, Serialize};
 
 /// `control:` as written in a service file.
@@ -80,7 +84,7 @@ impl std::fmt::Display for Action {
 pub const DEFAULT_STEP_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// One action made concrete: what to run, with which limits. Serialized as JSON into the
-/// protocol's `Command.spec_json`.
+/// protocol's `Command.plan_json`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Plan {
     pub action: Action,

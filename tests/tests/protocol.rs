@@ -91,6 +91,16 @@ fn batch(seqs: std::ops::RangeInclusive<u64>, status: v1::Status) -> AgentMessag
 
 /// Opens a stream, sends `msgs` after Hello, and returns the first Ack's up_to_seq.
 async fn send_and_ack(ch: Channel, msgs: Vec<AgentMessage>) -> anyhow::Result<u64> {
+    Ok(send_and_acks(ch, msgs, 0).await?[0])
+}
+
+/// Opens a stream, sends `msgs` after Hello, and returns every Ack's up_to_seq until one
+/// reaches `until` (at least one).
+async fn send_and_acks(
+    ch: Channel,
+    msgs: Vec<AgentMessage>,
+    until: u64,
+) -> anyhow::Result<Vec<u64>> {
     let (tx, rx) = mpsc::channel(16);
     tx.send(hello()).await?;
     let mut inbound = AgentServiceClient::new(ch)
@@ -100,12 +110,16 @@ async fn send_and_ack(ch: Channel, msgs: Vec<AgentMessage>) -> anyhow::Result<u6
     for m in msgs {
         tx.send(m).await?;
     }
-    let up_to = tokio::time::timeout(Duration::from_secs(20), async {
+    let mut acks = Vec::new();
+    tokio::time::timeout(Duration::from_secs(20), async {
         loop {
             match inbound.message().await?.and_then(|m| m.msg) {
                 Some(Out::Ack(a)) => {
                     assert_eq!(a.outbox_epoch, EPOCH);
-                    return anyhow::Ok(a.up_to_seq);
+                    acks.push(a.up_to_seq);
+                    if a.up_to_seq >= until {
+                        return anyhow::Ok(());
+                    }
                 }
                 Some(_) => continue,
                 None => anyhow::bail!("stream ended without an Ack"),
@@ -113,7 +127,7 @@ async fn send_and_ack(ch: Channel, msgs: Vec<AgentMessage>) -> anyhow::Result<u6
         }
     })
     .await??;
-    Ok(up_to)
+    Ok(acks)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -127,15 +141,20 @@ async fn resent_results_are_stored_once_and_counted_once() -> anyhow::Result<()>
     .await?;
     assert_eq!(up_to, 10);
     // A "restarted agent" that never saw the ack resends them, plus 5 new successes.
-    let up_to = send_and_ack(
+    let acks = send_and_acks(
         channel(&ws, &collector, Some("n1")).await?,
         vec![
             batch(1..=10, v1::Status::Critical),
             batch(11..=15, v1::Status::Ok),
         ],
+        15,
     )
     .await?;
-    assert_eq!(up_to, 10, "the first batch is acked on its own");
+    assert_eq!(
+        acks,
+        vec![10, 15],
+        "each batch is acked once it is committed"
+    );
     let client = db.connect().await?;
     let row = client
         .query_one(

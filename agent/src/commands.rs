@@ -1,0 +1,466 @@
+//! Commands from the collector: start, stop or restart a service (its plan, carried out by
+//! `vigil-control`) or run its check now. Each command runs in its own task so the stream keeps
+//! flowing; its `CommandResult` goes out on the stream it came from when it is done.
+//!
+//! Refused at once (success false, exit code -1): an unknown action, a command past its
+//! deadline, a plan that cannot be read, and a second command for a service that has one running.
+//! A result whose stream is gone by the time it is ready is only logged: the collector recovers
+//! pending commands itself.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex as StdMutex, PoisonError};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::{Mutex, mpsc};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use vigil_control::{Action, Execution, Plan};
+use vigil_proto::agent_message::Msg as Out;
+use vigil_proto::{AgentMessage, Command, CommandResult};
+
+use crate::scheduler::Scheduler;
+
+/// The action that runs the service's check once, now.
+pub const CHECK_ACTION: &str = "check";
+/// Reply to a command for a service that already has one running.
+pub const BUSY: &str = "another command for this service is running";
+/// Reply to `check` for a service this agent has no check for.
+pub const NO_SUCH_CHECK: &str = "no such check on this agent";
+
+/// Why a command was not started.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum Refusal {
+    #[error("unknown action {0:?}: this agent knows start, stop, restart and check")]
+    UnknownAction(String),
+    #[error("the command's deadline passed {0} ago; not started")]
+    PastDeadline(String),
+    #[error("cannot read the plan: {0}")]
+    BadPlan(String),
+    #[error("the plan is for {plan:?} but the command asks for {command:?}")]
+    PlanMismatch { plan: String, command: String },
+    #[error("{BUSY}")]
+    Busy,
+}
+
+/// What a command asks for, once checked.
+#[derive(Debug)]
+enum Work {
+    Plan(Plan),
+    Check,
+}
+
+/// Reads and checks `cmd` at `now_ms` (ms since the Unix epoch). `deadline_ms` 0 means none.
+fn prepare(cmd: &Command, now_ms: i64) -> Result<Work, Refusal> {
+    let work = if cmd.action == CHECK_ACTION {
+        Work::Check
+    } else {
+        let Some(action) = Action::parse(&cmd.action) else {
+            return Err(Refusal::UnknownAction(cmd.action.clone()));
+        };
+        let plan: Plan =
+            serde_json::from_str(&cmd.plan_json).map_err(|e| Refusal::BadPlan(e.to_string()))?;
+        if plan.action != action {
+            return Err(Refusal::PlanMismatch {
+                plan: plan.action.to_string(),
+                command: cmd.action.clone(),
+            });
+        }
+        Work::Plan(plan)
+    };
+    if cmd.deadline_ms > 0 && now_ms > cmd.deadline_ms {
+        let late = Duration::from_millis(u64::try_from(now_ms - cmd.deadline_ms).unwrap_or(0));
+        return Err(Refusal::PastDeadline(
+            humantime::format_duration(late).to_string(),
+        ));
+    }
+    Ok(work)
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// Services with a command running now.
+type Running = Arc<StdMutex<HashSet<String>>>;
+
+/// A service's place in [`Running`], given back when the command ends (or its task is dropped).
+struct Slot {
+    running: Running,
+    service_id: String,
+}
+
+impl Slot {
+    fn take(running: &Running, service_id: &str) -> Option<Slot> {
+        let mut set = running.lock().unwrap_or_else(PoisonError::into_inner);
+        set.insert(service_id.to_string()).then(|| Slot {
+            running: running.clone(),
+            service_id: service_id.to_string(),
+        })
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.running
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&self.service_id);
+    }
+}
+
+/// The commands this agent is carrying out. Dropping it (the agent shuts down) cancels them,
+/// which kills the process groups of their steps.
+pub(crate) struct Commands {
+    scheduler: Arc<Mutex<Scheduler>>,
+    running: Running,
+    tasks: JoinSet<()>,
+}
+
+impl Commands {
+    pub(crate) fn new(scheduler: Arc<Mutex<Scheduler>>) -> Self {
+        Commands {
+            scheduler,
+            running: Arc::new(StdMutex::new(HashSet::new())),
+            tasks: JoinSet::new(),
+        }
+    }
+
+    /// Starts `cmd` (or its refusal) in a task of its own; the reply goes to `tx`.
+    pub(crate) fn spawn(&mut self, cmd: Command, tx: mpsc::Sender<AgentMessage>) {
+        // Forget the tasks that have ended.
+        while self.tasks.try_join_next().is_some() {}
+        let received = Instant::now();
+        let work = prepare(&cmd, now_ms()).and_then(|work| {
+            Slot::take(&self.running, &cmd.service_id)
+                .map(|slot| (work, slot))
+                .ok_or(Refusal::Busy)
+        });
+        let scheduler = self.scheduler.clone();
+        self.tasks.spawn(async move {
+            let result = match work {
+                Err(refusal) => {
+                    tracing::warn!(
+                        command_id = %cmd.command_id,
+                        service = %cmd.service_id,
+                        action = %cmd.action,
+                        reason = %refusal,
+                        "command refused"
+                    );
+                    CommandResult {
+                        command_id: cmd.command_id.clone(),
+                        success: false,
+                        exit_code: -1,
+                        output: refusal.to_string(),
+                        duration_ms: 0,
+                        timed_out: false,
+                        check: None,
+                    }
+                }
+                Ok((work, _slot)) => {
+                    tracing::info!(
+                        command_id = %cmd.command_id,
+                        service = %cmd.service_id,
+                        action = %cmd.action,
+                        "command started"
+                    );
+                    let r = carry_out(&cmd, work, &scheduler, received).await;
+                    tracing::info!(
+                        command_id = %cmd.command_id,
+                        service = %cmd.service_id,
+                        action = %cmd.action,
+                        success = r.success,
+                        exit_code = r.exit_code,
+                        timed_out = r.timed_out,
+                        duration_ms = r.duration_ms,
+                        "command done"
+                    );
+                    tracing::debug!(command_id = %cmd.command_id, output = %r.output, "command output");
+                    r
+                }
+            };
+            let msg = AgentMessage {
+                msg: Some(Out::CommandResult(result)),
+            };
+            if tx.send(msg).await.is_err() {
+                tracing::warn!(
+                    command_id = %cmd.command_id,
+                    service = %cmd.service_id,
+                    "the stream this command came on is gone; its result is not sent (the collector recovers pending commands)"
+                );
+            }
+        });
+    }
+}
+
+impl Drop for Commands {
+    fn drop(&mut self) {
+        let running = self.tasks.len();
+        if running > 0 {
+            tracing::info!(running, "cancelling the commands still running");
+        }
+    }
+}
+
+async fn carry_out(
+    cmd: &Command,
+    work: Work,
+    scheduler: &Mutex<Scheduler>,
+    received: Instant,
+) -> CommandResult {
+    match work {
+        Work::Plan(plan) => from_execution(&cmd.command_id, vigil_control::execute(&plan).await),
+        Work::Check => {
+            let check = scheduler.lock().await.check_now(&cmd.service_id);
+            let Some(check) = check else {
+                return CommandResult {
+                    command_id: cmd.command_id.clone(),
+                    success: false,
+                    exit_code: -1,
+                    output: NO_SUCH_CHECK.into(),
+                    duration_ms: millis(received.elapsed()),
+                    timed_out: false,
+                    check: None,
+                };
+            };
+            let result = check.run().await;
+            let status = vigil_proto::Status::try_from(result.status)
+                .map(|s| s.as_str_name().trim_start_matches("STATUS_").to_string())
+                .unwrap_or_else(|_| result.status.to_string());
+            CommandResult {
+                command_id: cmd.command_id.clone(),
+                success: true,
+                exit_code: -1,
+                output: format!("{status}: {}", result.message),
+                duration_ms: millis(received.elapsed()),
+                timed_out: false,
+                check: Some(result),
+            }
+        }
+    }
+}
+
+fn from_execution(command_id: &str, e: Execution) -> CommandResult {
+    CommandResult {
+        command_id: command_id.to_string(),
+        success: e.success,
+        exit_code: e.exit_code,
+        output: e.output,
+        duration_ms: millis(e.duration),
+        timed_out: e.timed_out,
+        check: None,
+    }
+}
+
+fn millis(d: Duration) -> u32 {
+    u32::try_from(d.as_millis()).unwrap_or(u32::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::outbox::{self, Outbox};
+    use tokio::sync::Notify;
+    use vigil_control::How;
+    use vigil_proto::{CheckAssignment, ConfigUpdate};
+
+    fn plan_json(action: Action, steps: &[&[&str]]) -> String {
+        serde_json::to_string(&Plan {
+            action,
+            how: How::Steps {
+                steps: steps
+                    .iter()
+                    .map(|s| s.iter().map(|a| a.to_string()).collect())
+                    .collect(),
+            },
+            step_timeout: Duration::from_secs(10),
+        })
+        .unwrap()
+    }
+
+    fn command(id: &str, service: &str, action: &str, plan_json: String) -> Command {
+        Command {
+            command_id: id.into(),
+            service_id: service.into(),
+            action: action.into(),
+            deadline_ms: now_ms() + 60_000,
+            plan_json,
+        }
+    }
+
+    async fn setup(dir: &std::path::Path) -> (Commands, Arc<Mutex<Scheduler>>) {
+        let ob = Arc::new(Outbox::open(&dir.join(outbox::FILE_NAME), 1000).unwrap());
+        let mut s = Scheduler::new(ob, Arc::new(Notify::new()), 2);
+        s.apply(&ConfigUpdate {
+            version: 7,
+            checks: vec![CheckAssignment {
+                service_id: "svc".into(),
+                spec_json: r#"{"type":"command","argv":["/bin/true"],"interval":"1h"}"#.into(),
+            }],
+            ..Default::default()
+        })
+        .await;
+        let s = Arc::new(Mutex::new(s));
+        (Commands::new(s.clone()), s)
+    }
+
+    async fn reply(rx: &mut mpsc::Receiver<AgentMessage>) -> CommandResult {
+        let m = tokio::time::timeout(Duration::from_secs(20), rx.recv())
+            .await
+            .expect("no reply")
+            .expect("channel closed");
+        match m.msg {
+            Some(Out::CommandResult(r)) => r,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn prepare_refuses_what_it_cannot_do() {
+        let now = 1_000_000;
+        let ok = plan_json(Action::Restart, &[&["true"]]);
+        let mut c = command("1", "svc", "restart", ok.clone());
+        c.deadline_ms = now + 1;
+        assert!(matches!(prepare(&c, now), Ok(Work::Plan(_))));
+        c.deadline_ms = 0;
+        assert!(
+            matches!(prepare(&c, now), Ok(Work::Plan(_))),
+            "0: no deadline"
+        );
+        c.deadline_ms = now - 1500;
+        assert_eq!(
+            prepare(&c, now).unwrap_err().to_string(),
+            "the command's deadline passed 1s 500ms ago; not started"
+        );
+        let c = command("1", "svc", "reboot", ok.clone());
+        assert!(matches!(
+            prepare(&c, now),
+            Err(Refusal::UnknownAction(a)) if a == "reboot"
+        ));
+        let c = command("1", "svc", "restart", "{not json".into());
+        assert!(matches!(prepare(&c, now), Err(Refusal::BadPlan(_))));
+        let c = command("1", "svc", "stop", ok);
+        assert!(matches!(
+            prepare(&c, now),
+            Err(Refusal::PlanMismatch { .. })
+        ));
+        let c = command("1", "svc", "check", String::new());
+        assert!(matches!(prepare(&c, 0), Ok(Work::Check)));
+    }
+
+    #[tokio::test]
+    async fn one_command_per_service_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut commands, sched) = setup(dir.path()).await;
+        let (tx, mut rx) = mpsc::channel(8);
+        let dir2 = tempfile::tempdir().unwrap();
+        let gate = dir2.path().join("go");
+        // The first command waits until the file exists, so the second one surely overlaps.
+        let script = format!(
+            "while [ ! -e {} ]; do sleep 0.05; done; echo first",
+            gate.display()
+        );
+        commands.spawn(
+            command(
+                "a",
+                "svc",
+                "restart",
+                plan_json(Action::Restart, &[&["/bin/sh", "-c", &script]]),
+            ),
+            tx.clone(),
+        );
+        commands.spawn(
+            command(
+                "b",
+                "svc",
+                "restart",
+                plan_json(Action::Restart, &[&["true"]]),
+            ),
+            tx.clone(),
+        );
+        let r = reply(&mut rx).await;
+        assert_eq!(r.command_id, "b");
+        assert!(!r.success);
+        assert_eq!(r.exit_code, -1);
+        assert_eq!(r.output, BUSY);
+        // Another service is not held up.
+        commands.spawn(
+            command(
+                "c",
+                "other",
+                "start",
+                plan_json(Action::Start, &[&["true"]]),
+            ),
+            tx.clone(),
+        );
+        let r = reply(&mut rx).await;
+        assert_eq!(r.command_id, "c");
+        assert!(r.success, "{r:?}");
+
+        std::fs::write(&gate, "").unwrap();
+        let r = reply(&mut rx).await;
+        assert_eq!(r.command_id, "a");
+        assert!(r.success, "{r:?}");
+        assert!(r.output.contains("first"), "{}", r.output);
+        // The slot is free again.
+        commands.spawn(
+            command(
+                "d",
+                "svc",
+                "restart",
+                plan_json(Action::Restart, &[&["true"]]),
+            ),
+            tx.clone(),
+        );
+        assert!(reply(&mut rx).await.success);
+        sched.lock().await.stop_all().await;
+    }
+
+    #[tokio::test]
+    async fn check_now_returns_the_result_without_storing_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut commands, sched) = setup(dir.path()).await;
+        let (tx, mut rx) = mpsc::channel(8);
+        commands.spawn(command("k", "svc", "check", String::new()), tx.clone());
+        let r = reply(&mut rx).await;
+        assert!(r.success, "{r:?}");
+        assert!(r.output.starts_with("OK"), "{}", r.output);
+        let check = r.check.expect("no check result");
+        assert_eq!(check.seq, 0);
+        assert_eq!(check.service_id, "svc");
+        assert_eq!(check.config_version, 7);
+        assert_eq!(check.status, vigil_proto::Status::Ok as i32);
+        assert!(check.started_at_ms > 1_600_000_000_000);
+
+        commands.spawn(command("n", "nope", "check", String::new()), tx.clone());
+        let r = reply(&mut rx).await;
+        assert!(!r.success);
+        assert_eq!(r.output, NO_SUCH_CHECK);
+        assert!(r.check.is_none());
+        sched.lock().await.stop_all().await;
+    }
+
+    #[tokio::test]
+    async fn a_result_for_a_closed_stream_is_dropped_quietly() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut commands, sched) = setup(dir.path()).await;
+        let (tx, rx) = mpsc::channel(1);
+        drop(rx);
+        commands.spawn(
+            command("z", "svc", "start", plan_json(Action::Start, &[&["true"]])),
+            tx,
+        );
+        // The task ends and gives the service's slot back.
+        tokio::time::timeout(Duration::from_secs(20), async {
+            while let Some(r) = commands.tasks.join_next().await {
+                r.unwrap();
+            }
+        })
+        .await
+        .expect("the command task did not end");
+        assert!(commands.running.lock().unwrap().is_empty());
+        sched.lock().await.stop_all().await;
+    }
+}

@@ -1,0 +1,228 @@
+//! Notifications: a service went down, Vigil gave up restarting it, it recovered, it started
+//! flapping. Sent to generic JSON and Slack-compatible webhooks from a background task (never
+//! blocking the evaluator), with retries, one alert per incident and an optional reminder.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+use crate::config::Service;
+
+/// `notify:` in collector.yaml.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct NotifyConfig {
+    #[serde(default)]
+    pub webhooks: Vec<Webhook>,
+    /// Repeat the alert for a service that stays down this often (default: never).
+    #[serde(default, with = "humantime_serde")]
+    pub reminder: Option<Duration>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Webhook {
+    pub url: String,
+    /// `json` (the alert as a JSON object) or `slack` (`{"text": ...}`).
+    #[serde(default)]
+    pub format: WebhookFormat,
+    /// Extra headers (e.g. an Authorization header).
+    #[serde(default)]
+    pub headers: HashMap<String, String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WebhookFormat {
+    #[default]
+    Json,
+    Slack,
+}
+
+/// One alert, as sent to a `json` webhook.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Alert {
+    /// `down`, `gave_up`, `recovered`, `flapping`, or `reminder`.
+    pub event: String,
+    pub service: String,
+    pub name: String,
+    pub node: String,
+    pub category: String,
+    pub reason: String,
+    pub at: DateTime<Utc>,
+}
+
+impl Alert {
+    fn slack_text(&self) -> String {
+        let icon = match self.event.as_str() {
+            "recovered" => ":white_check_mark:",
+            "flapping" => ":warning:",
+            _ => ":rotating_light:",
+        };
+        format!(
+            "{icon} *{}* ({}) on {}: {} — {}",
+            self.name, self.service, self.node, self.event, self.reason
+        )
+    }
+}
+
+/// Handle to the sending task; cheap to clone.
+#[derive(Clone)]
+pub struct Notifier {
+    tx: Option<mpsc::Sender<Alert>>,
+}
+
+const QUEUE: usize = 1024;
+
+impl Notifier {
+    /// Starts the sender task (nothing if no webhook is configured).
+    pub fn start(cfg: &NotifyConfig) -> Notifier {
+        if cfg.webhooks.is_empty() {
+            return Notifier { tx: None };
+        }
+        let (tx, rx) = mpsc::channel(QUEUE);
+        tokio::spawn(run(cfg.clone(), rx));
+        Notifier { tx: Some(tx) }
+    }
+
+    fn send(&self, svc: &Service, event: &str, reason: &str) {
+        let Some(tx) = &self.tx else { return };
+        let alert = Alert {
+            event: event.into(),
+            service: svc.id.clone(),
+            name: svc.name.clone(),
+            node: svc.node.clone(),
+            category: svc.category.as_str().into(),
+            reason: reason.into(),
+            at: Utc::now(),
+        };
+        if tx.try_send(alert).is_err() {
+            tracing::error!(service = %svc.id, event, "notification queue full; alert dropped");
+        }
+    }
+
+    pub fn down(&self, svc: &Service, reason: &str) {
+        self.send(svc, "down", reason)
+    }
+    pub fn gave_up(&self, svc: &Service, reason: &str) {
+        self.send(svc, "gave_up", reason)
+    }
+    pub fn recovered(&self, svc: &Service, reason: &str) {
+        self.send(svc, "recovered", reason)
+    }
+    pub fn flapping(&self, svc: &Service, reason: &str) {
+        self.send(svc, "flapping", reason)
+    }
+}
+
+/// Open incidents: the down alert that opened each, for de-duplication and reminders.
+struct Incident {
+    alert: Alert,
+    last_sent: tokio::time::Instant,
+    gave_up_sent: bool,
+}
+
+async fn run(cfg: NotifyConfig, mut rx: mpsc::Receiver<Alert>) {
+    let client = match reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+    {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot build the webhook client; notifications are off");
+            return;
+        }
+    };
+    let mut open: HashMap<String, Incident> = HashMap::new();
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        let alert = tokio::select! {
+            a = rx.recv() => match a { Some(a) => a, None => return },
+            _ = tick.tick() => {
+                if let Some(every) = cfg.reminder {
+                    let now = tokio::time::Instant::now();
+                    let due: Vec<Alert> = open
+                        .values_mut()
+                        .filter(|i| now - i.last_sent >= every)
+                        .map(|i| {
+                            i.last_sent = now;
+                            Alert { event: "reminder".into(), at: Utc::now(), ..i.alert.clone() }
+                        })
+                        .collect();
+                    for a in due {
+                        deliver(&client, &cfg, &a).await;
+                    }
+                }
+                continue;
+            }
+        };
+        // One alert per incident: down opens it, recovered closes it.
+        let send = match alert.event.as_str() {
+            "down" => {
+                if open.contains_key(&alert.service) {
+                    false
+                } else {
+                    open.insert(
+                        alert.service.clone(),
+                        Incident {
+                            alert: alert.clone(),
+                            last_sent: tokio::time::Instant::now(),
+                            gave_up_sent: false,
+                        },
+                    );
+                    true
+                }
+            }
+            "gave_up" => match open.get_mut(&alert.service) {
+                Some(i) if i.gave_up_sent => false,
+                Some(i) => {
+                    i.gave_up_sent = true;
+                    true
+                }
+                None => true,
+            },
+            "recovered" => open.remove(&alert.service).is_some(),
+            _ => true,
+        };
+        if send {
+            deliver(&client, &cfg, &alert).await;
+        }
+    }
+}
+
+async fn deliver(client: &reqwest::Client, cfg: &NotifyConfig, alert: &Alert) {
+    for hook in &cfg.webhooks {
+        let body = match hook.format {
+            WebhookFormat::Json => serde_json::to_value(alert).unwrap_or_default(),
+            WebhookFormat::Slack => serde_json::json!({ "text": alert.slack_text() }),
+        };
+        let mut delay = Duration::from_millis(500);
+        for attempt in 1..=3 {
+            let mut req = client.post(&hook.url).json(&body);
+            for (k, v) in &hook.headers {
+                req = req.header(k, v);
+            }
+            match req.send().await {
+                Ok(r) if r.status().is_success() => {
+                    tracing::info!(service = %alert.service, event = %alert.event, "notification sent");
+                    break;
+                }
+                Ok(r) => {
+                    tracing::warn!(status = %r.status(), attempt, event = %alert.event, "webhook refused the notification")
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, attempt, event = %alert.event, "webhook unreachable")
+                }
+            }
+            if attempt == 3 {
+                tracing::error!(service = %alert.service, event = %alert.event, "notification not delivered after 3 attempts");
+            } else {
+                tokio::time::sleep(delay).await;
+                delay *= 2;
+            }
+        }
+    }
+}

@@ -1,0 +1,598 @@
+//! Remediation: decides when a down service is restarted (restart budget, give-up and retry,
+//! grace period, flapping, dependencies, operator modes), turns decisions and operator requests
+//! into commands, dispatches them to the node's agent, and applies their outcomes.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use vigil_control::Action;
+use vigil_proto::v1::{self, collector_message::Msg as Out};
+
+use crate::config::{FailureAction, Service};
+use crate::grpc::Hub;
+use crate::state::State;
+use crate::store::{CommandRow, NewCommand, ResultIn, ServiceView};
+
+/// What the engine does about one service now.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decision {
+    Nothing,
+    Restart {
+        reason: String,
+    },
+    GiveUp {
+        reason: String,
+    },
+    /// Healthy for a whole window: the restart budget is full again.
+    Refill,
+    /// A pause has expired: back to active.
+    Resume,
+}
+
+fn human(d: Duration) -> String {
+    humantime::format_duration(Duration::from_secs(d.as_secs())).to_string()
+}
+
+/// The pure decision for one service. `deps_down` are the ids of its dependencies that are down.
+pub fn decide(
+    v: &ServiceView,
+    svc: &Service,
+    deps_down: &[String],
+    now: DateTime<Utc>,
+) -> Decision {
+    if v.mode == "paused" && v.paused_until.is_some_and(|u| u <= now) {
+        return Decision::Resume;
+    }
+    if v.mode != "active" {
+        return Decision::Nothing;
+    }
+    let window = chrono::Duration::from_std(svc.within).unwrap_or(chrono::Duration::MAX);
+    if v.state == State::Healthy {
+        if v.restarts_used > 0 && v.healthy_since.is_some_and(|h| now - h >= window) {
+            return Decision::Refill;
+        }
+        return Decision::Nothing;
+    }
+    if v.state != State::Down || svc.action != FailureAction::Restart || svc.control.is_none() {
+        return Decision::Nothing;
+    }
+    if v.in_flight || v.flapping || !deps_down.is_empty() {
+        return Decision::Nothing;
+    }
+    if v.grace_until.is_some_and(|g| now < g) {
+        return Decision::Nothing;
+    }
+    if v.restarts_used >= svc.max_restarts {
+        let retry = chrono::Duration::from_std(svc.retry_after).unwrap_or(chrono::Duration::MAX);
+        return match v.gave_up_at {
+            None => Decision::GiveUp {
+                reason: format!(
+                    "{} automatic restarts did not bring it back (max_restarts {} within {}); \
+                     next try in {}",
+                    v.restarts_used,
+                    svc.max_restarts,
+                    human(svc.within),
+                    human(svc.retry_after)
+                ),
+            },
+            Some(at) if now - at >= retry => Decision::Restart {
+                reason: format!("retry after giving up {} ago", human(svc.retry_after)),
+            },
+            Some(_) => Decision::Nothing,
+        };
+    }
+    Decision::Restart {
+        reason: format!(
+            "down; automatic restart {} of {} within {}",
+            v.restarts_used + 1,
+            svc.max_restarts,
+            human(svc.within)
+        ),
+    }
+}
+
+/// Evaluates services (after new results, and periodically) and acts on the decisions.
+pub async fn evaluate(hub: &Hub, ids: &[String]) {
+    if ids.is_empty() {
+        return;
+    }
+    let cfg = hub.config().await;
+    let mut wanted: Vec<&str> = ids.iter().map(String::as_str).collect();
+    for id in ids {
+        if let Some(s) = cfg.service(id) {
+            wanted.extend(s.depends_on.iter().map(String::as_str));
+        }
+    }
+    wanted.sort_unstable();
+    wanted.dedup();
+    let views = match hub.store.views(&wanted).await {
+        Ok(v) => v,
+        Err(e) => {
+            tracing::error!(error = %e, "remediation: cannot read service state");
+            return;
+        }
+    };
+    let now = Utc::now();
+    for id in ids {
+        let (Some(svc), Some(view)) = (cfg.service(id), views.iter().find(|v| &v.service_id == id))
+        else {
+            continue;
+        };
+        let deps_down: Vec<String> = svc
+            .depends_on
+            .iter()
+            .filter(|d| {
+                views
+                    .iter()
+                    .any(|v| &v.service_id == *d && v.state == State::Down)
+            })
+            .cloned()
+            .collect();
+        let result = match decide(view, svc, &deps_down, now) {
+            Decision::Nothing => Ok(()),
+            Decision::Refill => hub.store.refill_budget(id).await,
+            Decision::Resume => {
+                hub.store
+                    .set_mode(id, "active", None, "pause expired")
+                    .await
+            }
+            Decision::GiveUp { reason } => {
+                tracing::warn!(service = %id, %reason, "gave up restarting");
+                hub.notifier.gave_up(svc, &reason);
+                hub.store.give_up(id, &reason).await
+            }
+            Decision::Restart { reason } => auto_restart(hub, svc, &reason).await,
+        };
+        if let Err(e) = result {
+            tracing::error!(service = %id, error = %e, "remediation failed");
+        }
+    }
+}
+
+async fn auto_restart(
+    hub: &Hub,
+    svc: &Service,
+    reason: &str,
+) -> Result<(), crate::store::StoreError> {
+    let deadline =
+        Utc::now() + chrono::Duration::from_std(svc.command_deadline).unwrap_or_default();
+    let Some(id) = hub
+        .store
+        .create_command(&NewCommand {
+            service_id: &svc.id,
+            node: &svc.node,
+            action: "restart",
+            origin: "auto",
+            requested_by: "vigil",
+            reason,
+            deadline,
+        })
+        .await?
+    else {
+        return Ok(()); // one is already in flight
+    };
+    hub.store.count_restart(&svc.id).await?;
+    hub.store
+        .add_event(
+            &svc.id,
+            "remediation",
+            "down",
+            "restarting",
+            &format!("command {id}: {reason}"),
+        )
+        .await?;
+    tracing::info!(service = %svc.id, node = %svc.node, command_id = id, %reason, "automatic restart");
+    if let Some(cmd) = hub.store.command(id).await? {
+        dispatch(hub, &cmd).await;
+    }
+    Ok(())
+}
+
+/// Sends an open command to whoever can carry it out now; leaves it pending if nobody can yet
+/// (the agent may come back before the deadline). A command that cannot be carried out at all
+/// fails at once with the reason.
+pub async fn dispatch(hub: &Hub, cmd: &CommandRow) {
+    if let Err(e) = try_dispatch(hub, cmd).await {
+        tracing::error!(command_id = cmd.id, error = %e, "cannot dispatch command");
+    }
+}
+
+async fn fail(hub: &Hub, cmd: &CommandRow, why: &str) -> Result<(), crate::store::StoreError> {
+    tracing::warn!(command_id = cmd.id, service = %cmd.service_id, reason = why, "command failed");
+    if let Some(row) = hub
+        .store
+        .finish_command(cmd.id, "failed", None, why)
+        .await?
+    {
+        after_finish(hub, &row).await;
+    }
+    Ok(())
+}
+
+async fn try_dispatch(hub: &Hub, cmd: &CommandRow) -> Result<(), crate::store::StoreError> {
+    let cfg = hub.config().await;
+    let Some(svc) = cfg.service(&cmd.service_id) else {
+        return fail(hub, cmd, "the service is no longer configured").await;
+    };
+    let plan_json = if cmd.action == "check" {
+        String::new()
+    } else {
+        let Some(action) = Action::parse(&cmd.action) else {
+            return fail(hub, cmd, &format!("unknown action {:?}", cmd.action)).await;
+        };
+        let Some(control) = &svc.control else {
+            return fail(
+                hub,
+                cmd,
+                &format!(
+                    "{} has no control: block, so it cannot be {action}ed",
+                    svc.id
+                ),
+            )
+            .await;
+        };
+        match control.plan(action) {
+            Ok(plan) => serde_json::to_string(&plan).unwrap_or_default(),
+            Err(e) => return fail(hub, cmd, &e.to_string()).await,
+        }
+    };
+    let Some(tx) = hub.session_tx(&cmd.node) else {
+        tracing::info!(command_id = cmd.id, node = %cmd.node, "agent not connected; command waits for it");
+        return Ok(());
+    };
+    if !hub.store.mark_sent(cmd.id, "agent").await? {
+        return Ok(()); // finished meanwhile
+    }
+    let msg = v1::CollectorMessage {
+        msg: Some(Out::Command(v1::Command {
+            command_id: cmd.id.to_string(),
+            service_id: cmd.service_id.clone(),
+            action: cmd.action.clone(),
+            deadline_ms: cmd.deadline.timestamp_millis(),
+            plan_json,
+        })),
+    };
+    if tx.send(Ok(msg)).await.is_err() {
+        tracing::warn!(command_id = cmd.id, node = %cmd.node, "agent stream closed while sending a command");
+    } else {
+        tracing::info!(command_id = cmd.id, node = %cmd.node, service = %cmd.service_id, action = %cmd.action, "command sent to agent");
+    }
+    Ok(())
+}
+
+/// Applies a command result reported by `node`'s agent.
+pub async fn on_agent_result(hub: &Hub, node: &str, r: v1::CommandResult) {
+    let Ok(id) = r.command_id.parse::<i64>() else {
+        tracing::warn!(%node, command_id = %r.command_id, "result for an unknown command id");
+        return;
+    };
+    let cmd = match hub.store.command(id).await {
+        Ok(Some(c)) => c,
+        Ok(None) => {
+            tracing::warn!(%node, command_id = id, "result for an unknown command");
+            return;
+        }
+        Err(e) => {
+            tracing::error!(%node, command_id = id, error = %e, "cannot read command");
+            return;
+        }
+    };
+    if cmd.node != node {
+        tracing::warn!(%node, command_id = id, command_node = %cmd.node, "an agent reported a command of another node; ignored");
+        return;
+    }
+    if cmd.action == "check"
+        && let Some(c) = r.check.clone()
+    {
+        let svc_thresholds = hub
+            .config()
+            .await
+            .service(&cmd.service_id)
+            .map(|s| s.thresholds);
+        if let Some(th) = svc_thresholds {
+            let result = ResultIn {
+                seq: id as u64,
+                service_id: cmd.service_id.clone(),
+                started_at: DateTime::from_timestamp_millis(c.started_at_ms)
+                    .unwrap_or_else(Utc::now),
+                duration_ms: c.duration_ms,
+                status: vigil_proto::status_from_wire(c.status),
+                message: c.message.clone(),
+                metrics: c.metrics.into_iter().map(Into::into).collect(),
+                output: c.output.clone(),
+                config_version: c.config_version,
+            };
+            let map = std::iter::once((cmd.service_id.clone(), th)).collect();
+            // Epoch 0 is reserved for check-now results; the command id keeps them unique.
+            match hub
+                .store
+                .ingest(node, 0, std::slice::from_ref(&result), &map)
+                .await
+            {
+                Ok(report) => crate::grpc::after_ingest(hub, node, &report).await,
+                Err(e) => {
+                    tracing::error!(command_id = id, error = %e, "cannot store a check-now result")
+                }
+            }
+        }
+    }
+    let status = if r.success {
+        "succeeded"
+    } else if r.timed_out {
+        "timed_out"
+    } else {
+        "failed"
+    };
+    let output = vigil_checks::excerpt(&r.output, 8 * 1024);
+    match hub
+        .store
+        .finish_command(id, status, Some(r.exit_code), &output)
+        .await
+    {
+        Ok(Some(row)) => after_finish(hub, &row).await,
+        Ok(None) => tracing::info!(
+            command_id = id,
+            "result for a command that had already finished"
+        ),
+        Err(e) => tracing::error!(command_id = id, error = %e, "cannot record command result"),
+    }
+}
+
+/// What follows a finished command: grace period, operator mode, audit event.
+async fn after_finish(hub: &Hub, row: &CommandRow) {
+    tracing::info!(
+        command_id = row.id, service = %row.service_id, action = %row.action, origin = %row.origin,
+        status = %row.status, exit_code = ?row.exit_code, "command finished"
+    );
+    let cfg = hub.config().await;
+    let ok = row.status == "succeeded";
+    let mut result = Ok(());
+    if ok && (row.action == "restart" || row.action == "start") {
+        if let Some(svc) = cfg.service(&row.service_id) {
+            let until = Utc::now() + chrono::Duration::from_std(svc.grace).unwrap_or_default();
+            result = hub.store.set_grace(&row.service_id, until).await;
+        }
+        if row.origin == "manual" && result.is_ok() {
+            result = hub
+                .store
+                .set_mode(
+                    &row.service_id,
+                    "active",
+                    None,
+                    &format!("{} by {}", row.action, row.requested_by),
+                )
+                .await;
+        }
+    }
+    if ok && row.action == "stop" && result.is_ok() {
+        result = hub
+            .store
+            .set_mode(
+                &row.service_id,
+                "stopped",
+                None,
+                &format!("stopped by {}", row.requested_by),
+            )
+            .await;
+    }
+    if result.is_ok() && row.action != "check" {
+        let what = format!(
+            "command {} ({} {}, {}) {}: {}",
+            row.id,
+            row.origin,
+            row.action,
+            row.requested_by,
+            row.status,
+            row.output.lines().last().unwrap_or("")
+        );
+        result = hub
+            .store
+            .add_event(
+                &row.service_id,
+                "remediation",
+                &row.action,
+                &row.status,
+                &what,
+            )
+            .await;
+    }
+    if let Err(e) = result {
+        tracing::error!(command_id = row.id, error = %e, "cannot apply command outcome");
+    }
+}
+
+/// The periodic pass: times out overdue commands, dispatches pending ones, and re-evaluates
+/// services that are down, paused or have spent some of their budget.
+pub async fn tick(hub: &Hub) {
+    match hub.store.expire_commands().await {
+        Ok(rows) => {
+            for row in rows {
+                after_finish(hub, &row).await;
+            }
+        }
+        Err(e) => tracing::error!(error = %e, "cannot expire commands"),
+    }
+    match hub.store.open_commands().await {
+        Ok(rows) => {
+            for row in rows.iter().filter(|r| r.status == "pending") {
+                dispatch(hub, row).await;
+            }
+        }
+        Err(e) => tracing::error!(error = %e, "cannot read open commands"),
+    }
+    match hub.store.down_services().await {
+        Ok(ids) => evaluate(hub, &ids).await,
+        Err(e) => tracing::error!(error = %e, "cannot list services to evaluate"),
+    }
+}
+
+/// On collector start-up: overdue commands are timed out, the others sent (again).
+pub async fn recover(hub: &Hub) {
+    tick(hub).await;
+    if let Ok(rows) = hub.store.open_commands().await {
+        for row in rows.iter().filter(|r| r.status == "sent") {
+            tracing::info!(command_id = row.id, service = %row.service_id, "re-sending a command left in flight by the previous run");
+            dispatch(hub, row).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Thresholds;
+
+    fn svc() -> Service {
+        Service {
+            id: "s".into(),
+            name: "s".into(),
+            category: crate::config::Category::Api,
+            node: "n".into(),
+            description: String::new(),
+            check: serde_json::from_value(
+                serde_json::json!({"type": "tcp", "address": "127.0.0.1:1"}),
+            )
+            .unwrap(),
+            control: Some(
+                serde_json::from_value(serde_json::json!({"restart": [["true"]]})).unwrap(),
+            ),
+            action: FailureAction::Restart,
+            thresholds: Thresholds {
+                after: 3,
+                recover_after: 2,
+                flap_high: 50,
+                flap_low: 25,
+            },
+            max_restarts: 3,
+            within: Duration::from_secs(3600),
+            retry_after: Duration::from_secs(600),
+            grace: Duration::from_secs(60),
+            depends_on: vec![],
+            command_deadline: Duration::from_secs(300),
+            source: "s.yaml".into(),
+        }
+    }
+
+    fn down() -> ServiceView {
+        ServiceView {
+            service_id: "s".into(),
+            state: State::Down,
+            mode: "active".into(),
+            paused_until: None,
+            flapping: false,
+            restarts_used: 0,
+            gave_up_at: None,
+            healthy_since: None,
+            grace_until: None,
+            in_flight: false,
+        }
+    }
+
+    #[test]
+    fn down_service_is_restarted_within_budget() {
+        let now = Utc::now();
+        assert!(matches!(
+            decide(&down(), &svc(), &[], now),
+            Decision::Restart { .. }
+        ));
+        let v = ServiceView {
+            restarts_used: 2,
+            ..down()
+        };
+        match decide(&v, &svc(), &[], now) {
+            Decision::Restart { reason } => assert!(reason.contains("3 of 3"), "{reason}"),
+            d => panic!("{d:?}"),
+        }
+    }
+
+    #[test]
+    fn nothing_while_in_flight_flapping_in_grace_paused_stopped_or_dependency_down() {
+        let now = Utc::now();
+        let s = svc();
+        for v in [
+            ServiceView {
+                in_flight: true,
+                ..down()
+            },
+            ServiceView {
+                flapping: true,
+                ..down()
+            },
+            ServiceView {
+                grace_until: Some(now + chrono::Duration::seconds(10)),
+                ..down()
+            },
+            ServiceView {
+                mode: "stopped".into(),
+                ..down()
+            },
+            ServiceView {
+                mode: "paused".into(),
+                ..down()
+            },
+        ] {
+            assert_eq!(decide(&v, &s, &[], now), Decision::Nothing, "{v:?}");
+        }
+        assert_eq!(decide(&down(), &s, &["db".into()], now), Decision::Nothing);
+        // Notify-only services are never restarted.
+        let notify = Service {
+            action: FailureAction::Notify,
+            ..svc()
+        };
+        assert_eq!(decide(&down(), &notify, &[], now), Decision::Nothing);
+    }
+
+    #[test]
+    fn budget_spent_gives_up_then_retries_after_retry_after() {
+        let now = Utc::now();
+        let s = svc();
+        let spent = ServiceView {
+            restarts_used: 3,
+            ..down()
+        };
+        assert!(matches!(
+            decide(&spent, &s, &[], now),
+            Decision::GiveUp { .. }
+        ));
+        let gave_up = ServiceView {
+            gave_up_at: Some(now - chrono::Duration::seconds(60)),
+            ..spent.clone()
+        };
+        assert_eq!(decide(&gave_up, &s, &[], now), Decision::Nothing);
+        let later = ServiceView {
+            gave_up_at: Some(now - chrono::Duration::seconds(601)),
+            ..spent
+        };
+        assert!(matches!(
+            decide(&later, &s, &[], now),
+            Decision::Restart { .. }
+        ));
+    }
+
+    #[test]
+    fn budget_refills_after_a_whole_healthy_window_and_pause_expires() {
+        let now = Utc::now();
+        let s = svc();
+        let healthy = ServiceView {
+            state: State::Healthy,
+            restarts_used: 2,
+            ..down()
+        };
+        let recent = ServiceView {
+            healthy_since: Some(now - chrono::Duration::minutes(30)),
+            ..healthy.clone()
+        };
+        assert_eq!(decide(&recent, &s, &[], now), Decision::Nothing);
+        let long = ServiceView {
+            healthy_since: Some(now - chrono::Duration::minutes(61)),
+            ..healthy
+        };
+        assert_eq!(decide(&long, &s, &[], now), Decision::Refill);
+        let paused = ServiceView {
+            mode: "paused".into(),
+            paused_until: Some(now - chrono::Duration::seconds(1)),
+            ..down()
+        };
+        assert_eq!(decide(&paused, &s, &[], now), Decision::Resume);
+    }
+}
