@@ -146,6 +146,8 @@ impl Commands {
                         command_id = %cmd.command_id,
                         service = %cmd.service_id,
                         action = %cmd.action,
+                        success = false,
+                        exit_code = -1,
                         reason = %refusal,
                         "command refused"
                     );

@@ -107,8 +107,10 @@ pub trait GpuSource {
 // ---- NVML ----
 
 static NVML: OnceLock<nvml_wrapper::Nvml> = OnceLock::new();
-/// The XID event set, kept between runs; `None` until the first successful registration.
-static XID_EVENTS: Mutex<Option<nvml_wrapper::EventSet<'static>>> = Mutex::new(None);
+/// The XID event sets (one per GPU index), kept between runs; `None` until the first
+/// successful registration.
+#[allow(clippy::type_complexity, reason = "one static, read in one function")]
+static XID_EVENTS: Mutex<Option<Vec<(u32, nvml_wrapper::EventSet<'static>)>>> = Mutex::new(None);
 
 /// The process-wide NVML handle; a failed init is retried on the next call.
 pub(crate) fn nvml() -> Result<&'static nvml_wrapper::Nvml, String> {
@@ -158,7 +160,7 @@ impl GpuSource for NvmlSource {
                 RetirementCause::DoubleBitEccError,
             ]
             .iter()
-            .map(|c| d.retired_pages(c.clone()).map(|p| p.len() as u64))
+            .map(|c| d.retired_pages(*c).map(|p| p.len() as u64))
             .collect::<Result<Vec<u64>, _>>()
             .ok()
             .map(|v| v.iter().sum());
@@ -184,49 +186,43 @@ impl GpuSource for NvmlSource {
     }
 }
 
-/// Takes the XID events that arrived since the last call; registers the event set on the
-/// first call. Returns the events and whether XIDs are being watched.
+/// Takes the XID events that arrived since the last call; registers one event set per GPU on
+/// the first call (a GPU without event support is skipped). Returns the events and whether
+/// XIDs are being watched on any GPU.
 fn drain_xids(nvml: &'static nvml_wrapper::Nvml, count: u32) -> (Vec<(u32, u64)>, bool) {
     use nvml_wrapper::bitmasks::event::EventTypes;
     use nvml_wrapper::enums::event::XidError;
     let Ok(mut guard) = XID_EVENTS.lock() else {
         return (Vec::new(), false);
     };
-    if guard.is_none() {
-        let Ok(mut set) = nvml.create_event_set() else {
-            return (Vec::new(), false);
-        };
-        let mut registered = false;
-        for index in 0..count {
-            let Ok(d) = nvml.device_by_index(index) else {
-                continue;
-            };
-            set = match d.register_events(EventTypes::CRITICAL_XID_ERROR, set) {
-                Ok(s) => {
-                    registered = true;
-                    s
+    let Some(sets) = guard.as_ref() else {
+        let sets: Vec<(u32, nvml_wrapper::EventSet<'static>)> = (0..count)
+            .filter_map(|index| {
+                let d = nvml.device_by_index(index).ok()?;
+                let set = nvml.create_event_set().ok()?;
+                match d.register_events(EventTypes::CRITICAL_XID_ERROR, set) {
+                    Ok(s) => Some((index, s)),
+                    Err(e) => {
+                        tracing::info!(index, error = %e.error, "GPU does not report XID events");
+                        None
+                    }
                 }
-                Err(e) => match e.1 {
-                    Some(s) => s,
-                    None => return (Vec::new(), false),
-                },
-            };
+            })
+            .collect();
+        let watching = !sets.is_empty();
+        if watching {
+            *guard = Some(sets);
         }
-        if !registered {
-            return (Vec::new(), false);
-        }
-        *guard = Some(set);
-        return (Vec::new(), true);
-    }
+        return (Vec::new(), watching);
+    };
     let mut out = Vec::new();
-    if let Some(set) = guard.as_ref() {
-        // Bounded: at most 1000 events per run, never waiting.
+    for (index, set) in sets {
+        // Bounded: at most 1000 events per GPU and run, never waiting.
         for _ in 0..1000 {
             match set.wait(0) {
                 Ok(ev) => {
-                    let idx = ev.device.index().unwrap_or(u32::MAX);
                     if let Some(XidError::Value(x)) = ev.event_data {
-                        out.push((idx, x));
+                        out.push((*index, x));
                     }
                 }
                 Err(_) => break,

@@ -85,13 +85,32 @@ async fn killed_container_is_restarted_through_the_agent() -> anyhow::Result<()>
     let took = killed.elapsed();
     eprintln!("kill -> healthy again: {took:?}");
     assert!(container.running()?, "the container is not running");
+    // The command's result may arrive just after the check result that made it healthy.
+    wait_for("the restart command finished", LIMIT, || {
+        let client = &client;
+        async move {
+            let n = count(
+                client,
+                "SELECT count(*) FROM commands WHERE service_id = $1 AND finished_at IS NOT NULL",
+                "web",
+            )
+            .await?;
+            Ok((n > 0).then_some(()))
+        }
+    })
+    .await?;
     let row = client
         .query_one(
-            "SELECT status, via, origin FROM commands WHERE service_id = 'web' AND action = 'restart' ORDER BY id LIMIT 1",
+            "SELECT status, via, origin, output FROM commands WHERE service_id = 'web' AND action = 'restart' ORDER BY id LIMIT 1",
             &[],
         )
         .await?;
-    assert_eq!(row.get::<_, String>(0), "succeeded");
+    assert_eq!(
+        row.get::<_, String>(0),
+        "succeeded",
+        "{}",
+        row.get::<_, String>(3)
+    );
     assert_eq!(row.get::<_, Option<String>>(1).as_deref(), Some("agent"));
     assert_eq!(row.get::<_, String>(2), "auto");
     assert_eq!(auto_restarts(&client, "web").await?, 1);
