@@ -19,8 +19,8 @@ fn preset_examples_are_valid_checks() {
         let doc: serde_json::Value =
             serde_norway::from_str(&text).unwrap_or_else(|e| panic!("{name}: {e}"));
         assert_eq!(doc["node"], "gpu-01", "{name}");
-        let spec: CheckSpec = serde_json::from_value(doc["check"].clone())
-            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let spec: CheckSpec =
+            serde_json::from_value(doc["check"].clone()).unwrap_or_else(|e| panic!("{name}: {e}"));
         spec.validate().unwrap_or_else(|e| panic!("{name}: {e}"));
         kinds.push(spec.kind.name());
     }

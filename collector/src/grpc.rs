@@ -454,47 +454,40 @@ async fn ingest(hub: &Hub, node: &str, batch: v1::ResultBatch, tx: &Tx) -> Resul
 /// What follows committed results: log and notify transitions, then let remediation act on the
 /// services that are down (or just changed).
 pub async fn after_ingest(hub: &Hub, node: &str, report: &crate::store::IngestReport) {
+    use crate::state::State;
     let cfg = hub.config().await;
+    let after = |id: &str| report.states.iter().find(|s| s.service_id == id);
     for (service, t) in &report.transitions {
         tracing::info!(%node, %service, from = %t.from, to = %t.to, reason = %t.reason, "service state changed");
         let Some(svc) = cfg.service(service) else {
             continue;
         };
+        // Stopped on purpose or paused: no alert.
+        if after(service).is_some_and(|s| s.mode != "active") {
+            continue;
+        }
         match t.to {
-            crate::state::State::Down => {
-                let down_deps: Vec<&String> = svc
+            State::Down => {
+                let down_deps: Vec<&str> = svc
                     .depends_on
                     .iter()
-                    .filter(|d| {
-                        report
-                            .states
-                            .iter()
-                            .any(|(id, s)| id == *d && *s == crate::state::State::Down)
-                    })
+                    .filter(|d| after(d).is_some_and(|s| s.state == State::Down))
+                    .map(String::as_str)
                     .collect();
                 let reason = if down_deps.is_empty() {
                     t.reason.clone()
                 } else {
-                    format!(
-                        "{} (dependency down: {})",
-                        t.reason,
-                        down_deps
-                            .iter()
-                            .map(|d| d.as_str())
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    )
+                    format!("{} (dependency down: {})", t.reason, down_deps.join(", "))
                 };
                 hub.notifier.down(svc, &reason);
             }
-            crate::state::State::Healthy if t.from == crate::state::State::Down => {
-                hub.notifier.recovered(svc, &t.reason)
-            }
+            State::Healthy if t.from == State::Down => hub.notifier.recovered(svc, &t.reason),
             _ => {}
         }
     }
     for (service, f) in &report.flaps {
         if f.flapping
+            && after(service).is_some_and(|s| s.mode == "active")
             && let Some(svc) = cfg.service(service)
         {
             hub.notifier.flapping(
@@ -509,8 +502,8 @@ pub async fn after_ingest(hub: &Hub, node: &str, report: &crate::store::IngestRe
     let ids: Vec<String> = report
         .states
         .iter()
-        .filter(|(_, s)| *s == crate::state::State::Down)
-        .map(|(id, _)| id.clone())
+        .filter(|s| s.state == State::Down && s.mode == "active")
+        .map(|s| s.service_id.clone())
         .collect();
     crate::remediation::evaluate(hub, &ids).await;
 }

@@ -62,6 +62,12 @@ pub fn decide(
     if v.grace_until.is_some_and(|g| now < g) {
         return Decision::Nothing;
     }
+    // Restart again only on a failure seen after the last restart finished.
+    if let Some(restarted) = v.last_restart_at
+        && v.last_error_at.is_none_or(|e| e <= restarted)
+    {
+        return Decision::Nothing;
+    }
     if v.restarts_used >= svc.max_restarts {
         let retry = chrono::Duration::from_std(svc.retry_after).unwrap_or(chrono::Duration::MAX);
         return match v.gave_up_at {
@@ -432,6 +438,10 @@ pub async fn recover(hub: &Hub) {
     if let Ok(rows) = hub.store.open_commands().await {
         for row in rows.iter().filter(|r| r.status == "sent") {
             tracing::info!(command_id = row.id, service = %row.service_id, "re-sending a command left in flight by the previous run");
+            if let Err(e) = hub.store.requeue(row.id).await {
+                tracing::error!(command_id = row.id, error = %e, "cannot requeue command");
+                continue;
+            }
             dispatch(hub, row).await;
         }
     }
@@ -485,6 +495,8 @@ mod tests {
             healthy_since: None,
             grace_until: None,
             in_flight: false,
+            last_error_at: None,
+            last_restart_at: None,
         }
     }
 
@@ -534,6 +546,22 @@ mod tests {
             assert_eq!(decide(&v, &s, &[], now), Decision::Nothing, "{v:?}");
         }
         assert_eq!(decide(&down(), &s, &["db".into()], now), Decision::Nothing);
+        // No failure seen since the last restart finished: wait for evidence.
+        let t = now - chrono::Duration::seconds(5);
+        let no_news = ServiceView {
+            last_restart_at: Some(t),
+            last_error_at: Some(t - chrono::Duration::seconds(1)),
+            ..down()
+        };
+        assert_eq!(decide(&no_news, &s, &[], now), Decision::Nothing);
+        let news = ServiceView {
+            last_error_at: Some(now),
+            ..no_news
+        };
+        assert!(matches!(
+            decide(&news, &s, &[], now),
+            Decision::Restart { .. }
+        ));
         // Notify-only services are never restarted.
         let notify = Service {
             action: FailureAction::Notify,

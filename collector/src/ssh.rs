@@ -160,7 +160,10 @@ pub struct SshOutput {
     pub exit_signal: Option<String>,
     /// stdout and stderr as they arrived, the last [`OUTPUT_LIMIT`] bytes (lossy UTF-8).
     pub output: String,
-    /// The command ran past its timeout; it was sent KILL and its channel closed.
+    /// The command ran past its timeout; it was sent KILL and its channel closed. The KILL is
+    /// best effort: OpenSSH delivers it to the command's process group, but refuses it for root
+    /// logins, and cannot signal processes of another user (`sudo`); closing the channel alone
+    /// does not stop a command that neither reads nor writes.
     pub timed_out: bool,
     /// From sending the command to its end (or its timeout).
     pub duration: Duration,
@@ -242,11 +245,14 @@ pub struct SshPool {
 
 #[derive(Default)]
 struct PoolInner {
-    slots: StdMutex<HashMap<SlotKey, Arc<Mutex<Option<Arc<Conn>>>>>>,
+    slots: StdMutex<HashMap<SlotKey, Arc<Slot>>>,
     connections_made: AtomicU64,
 }
 
 type SlotKey = (String, u16, String);
+
+/// The node's current session, if any; locked while connecting so that a node gets one at a time.
+type Slot = Mutex<Option<Arc<Conn>>>;
 
 /// An authenticated session and the config it was made with (a changed config reconnects).
 struct Conn {
@@ -318,7 +324,7 @@ impl SshPool {
         }
     }
 
-    fn slot(&self, host: &str, cfg: &SshConfig) -> Arc<Mutex<Option<Arc<Conn>>>> {
+    fn slot(&self, host: &str, cfg: &SshConfig) -> Arc<Slot> {
         let mut slots = self
             .inner
             .slots
@@ -333,7 +339,7 @@ impl SshPool {
     /// The node's live session, or a new one (one connect at a time per node).
     async fn session(
         &self,
-        slot: &Mutex<Option<Arc<Conn>>>,
+        slot: &Slot,
         host: &str,
         cfg: &SshConfig,
     ) -> Result<Arc<Conn>, SshError> {
@@ -364,7 +370,7 @@ impl SshPool {
 }
 
 /// Drops `conn` from its slot unless another task already replaced it.
-async fn evict(slot: &Mutex<Option<Arc<Conn>>>, conn: &Arc<Conn>) {
+async fn evict(slot: &Slot, conn: &Arc<Conn>) {
     let mut current = slot.lock().await;
     if current.as_ref().is_some_and(|c| Arc::ptr_eq(c, conn)) {
         *current = None;

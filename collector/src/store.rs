@@ -55,7 +55,15 @@ pub struct IngestReport {
     pub transitions: Vec<(String, Transition)>,
     pub flaps: Vec<(String, FlapChange)>,
     /// The state of every service that got new results, after them.
-    pub states: Vec<(String, State)>,
+    pub states: Vec<ServiceAfter>,
+}
+
+/// A service's state after an ingest, and its operator mode (`active`, `stopped`, `paused`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServiceAfter {
+    pub service_id: String,
+    pub state: State,
+    pub mode: String,
 }
 
 /// One line of `vigil-collector status`.
@@ -313,7 +321,7 @@ impl Store {
             let rows = tx
                 .query(
                     "SELECT service_id, state, consecutive_failures, consecutive_successes,
-                            history, history_len, flapping, grace_until
+                            history, history_len, flapping, grace_until, mode
                      FROM service_state WHERE service_id = ANY($1) ORDER BY service_id FOR UPDATE",
                     &[&ids],
                 )
@@ -323,6 +331,7 @@ impl Store {
                 changed: bool,
                 grace_until: Option<DateTime<Utc>>,
                 became_healthy: bool,
+                mode: String,
             }
             let mut slots: HashMap<String, Slot> = HashMap::new();
             for row in rows {
@@ -341,6 +350,7 @@ impl Store {
                         changed: false,
                         grace_until: row.get(7),
                         became_healthy: false,
+                        mode: row.get(8),
                     },
                 );
             }
@@ -403,7 +413,11 @@ impl Store {
                     ],
                 )
                 .await?;
-                report.states.push((id.to_string(), t.state));
+                report.states.push(ServiceAfter {
+                    service_id: id.to_string(),
+                    state: t.state,
+                    mode: slot.mode.clone(),
+                });
             }
             for (id, t) in &report.transitions {
                 tx.execute(
@@ -545,6 +559,10 @@ pub struct ServiceView {
     pub healthy_since: Option<DateTime<Utc>>,
     pub grace_until: Option<DateTime<Utc>>,
     pub in_flight: bool,
+    /// When the last failing result was taken.
+    pub last_error_at: Option<DateTime<Utc>>,
+    /// When the last start/restart command finished.
+    pub last_restart_at: Option<DateTime<Utc>>,
 }
 
 /// The channel the collector listens on for new commands (`NOTIFY vigil_commands, 'ID'`).
@@ -600,6 +618,19 @@ impl Store {
     }
 
     /// Marks a command sent (by `via`), counting the attempt. False if it is no longer open.
+    /// Puts a command that was sent by a previous run back to pending, so that it is sent again
+    /// when its agent (re)connects.
+    pub async fn requeue(&self, id: i64) -> Result<(), StoreError> {
+        let client = self.pool.get().await?;
+        client
+            .execute(
+                "UPDATE commands SET status = 'pending' WHERE id = $1 AND status = 'sent'",
+                &[&id],
+            )
+            .await?;
+        Ok(())
+    }
+
     pub async fn mark_sent(&self, id: i64, via: &str) -> Result<bool, StoreError> {
         let client = self.pool.get().await?;
         let n = client
@@ -675,7 +706,10 @@ impl Store {
                 "SELECT st.service_id, st.state, st.mode, st.paused_until, st.flapping, st.restarts_used,
                         st.gave_up_at, st.healthy_since, st.grace_until,
                         EXISTS (SELECT 1 FROM commands c WHERE c.service_id = st.service_id
-                                AND c.status IN ('pending', 'sent') AND c.action <> 'check')
+                                AND c.status IN ('pending', 'sent') AND c.action <> 'check'),
+                        st.last_error_at,
+                        (SELECT max(c.finished_at) FROM commands c WHERE c.service_id = st.service_id
+                                AND c.action IN ('start', 'restart'))
                  FROM service_state st WHERE st.service_id = ANY($1)",
                 &[&ids],
             )
@@ -693,6 +727,8 @@ impl Store {
                 healthy_since: r.get(7),
                 grace_until: r.get(8),
                 in_flight: r.get(9),
+                last_error_at: r.get(10),
+                last_restart_at: r.get(11),
             })
             .collect())
     }

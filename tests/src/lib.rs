@@ -171,3 +171,22 @@ pub async fn connected(agent: &AgentHandle) -> anyhow::Result<()> {
 pub async fn count(db: &tokio_postgres::Client, sql: &str, param: &str) -> anyhow::Result<i64> {
     Ok(db.query_one(sql, &[&param]).await?.get(0))
 }
+
+/// Path of a workspace binary (`vigil-collector`, `vigil-agent`, ...), built by
+/// `cargo build --workspace` (deploy/test.sh does that before the tests).
+pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    // target/debug/deps/<test> -> target/debug/<name>
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .context("unexpected test executable location")?;
+    let path = dir.join(name);
+    if !path.exists() {
+        bail!(
+            "{} is not built; run `cargo build --workspace` first (deploy/test.sh does)",
+            path.display()
+        );
+    }
+    Ok(path)
+}

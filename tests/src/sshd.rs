@@ -138,6 +138,18 @@ impl Sshd {
         Ok(())
     }
 
+    /// Freezes (SIGSTOP) every connection sshd has accepted so far, leaving the listener alive:
+    /// those sessions hang without closing, new connections work.
+    pub fn freeze_connections(&self) {
+        if let Some(pid) = self.child.as_ref().and_then(|c| c.id())
+            && let Ok(root) = i32::try_from(pid)
+        {
+            for p in descendants(root) {
+                let _ = kill(Pid::from_raw(p), Signal::SIGSTOP);
+            }
+        }
+    }
+
     /// Stops sshd and starts a new one on the same port with the same keys.
     pub async fn restart(&mut self) -> anyhow::Result<()> {
         self.stop().await?;

@@ -187,3 +187,320 @@ async fn crash_loop_stops_at_the_budget_and_gives_up() -> anyhow::Result<()> {
     collector.shutdown().await;
     Ok(())
 }
+
+/// Collects webhook posts.
+async fn webhook() -> anyhow::Result<(
+    String,
+    std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>>,
+)> {
+    use axum::{Json, Router, routing::post};
+    let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = got.clone();
+    let app = Router::new().route(
+        "/hook",
+        post(move |Json(v): Json<serde_json::Value>| {
+            let sink = sink.clone();
+            async move {
+                sink.lock().unwrap().push(v);
+                "ok"
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}/hook", listener.local_addr()?);
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    Ok((url, got))
+}
+
+fn ctl(ws: &Workspace, db: &pg::TestDb, args: &[&str]) -> anyhow::Result<(bool, String)> {
+    let out = std::process::Command::new(vigil_tests::binary("vigil-collector")?)
+        .arg("ctl")
+        .arg("--config")
+        .arg(ws.path().join("collector.yaml"))
+        .args(args)
+        .env("VIGIL_DATABASE_URL", &db.url)
+        .env("RUST_LOG", "warn")
+        .output()?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok((out.status.success(), text))
+}
+
+/// Operator actions through the CLI (same path as automatic ones, audited), the stopped mode,
+/// and one alert per incident on the webhook.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_actions_stopped_mode_and_alerts() -> anyhow::Result<()> {
+    init();
+    let db = pg::test_db().await?;
+    let ws = Workspace::new()?;
+    ws.issue("n1")?;
+    let (hook, alerts) = webhook().await?;
+    let flag = ws.path().join("app.up");
+    let f = flag.display();
+    ws.write_service(
+        "app",
+        &format!(
+            "id: app\ncategory: api\nnode: n1\ncheck:\n  type: command\n  interval: 1s\n  argv: [\"/bin/sh\", \"-c\", \"test -f {f} || exit 2\"]\n\
+             control:\n  start: [[\"/bin/touch\", \"{f}\"]]\n  stop: [[\"/bin/rm\", \"-f\", \"{f}\"]]\n  restart: [[\"/bin/touch\", \"{f}\"]]\n\
+             on_failure:\n  action: restart\n  after: 2\n  recover_after: 1\n  grace: 0s\n"
+        ),
+    )?;
+    ws.write_service("steady", &steady("n1"))?;
+    let path = ws.write_collector(&db.url, &["n1"])?;
+    let mut text = std::fs::read_to_string(&path)?;
+    text.push_str(&format!(
+        "notify:\n  webhooks:\n    - {{ url: \"{hook}\" }}\n"
+    ));
+    std::fs::write(&path, text)?;
+    let collector = Collector::start(Config::load(&path)?).await?;
+    let agent = start_agent(&ws.write_agent("a", "n1", "n1", collector.grpc_addr)?).await?;
+    connected(&agent).await?;
+    let client = db.connect().await?;
+    let is = |want: &'static str| {
+        let client = &client;
+        move || async move { Ok((state(client, "app").await? == want).then_some(())) }
+    };
+
+    // Not running yet: it goes down and Vigil starts it by itself (restart = touch).
+    wait_for(
+        "app healthy after the automatic restart",
+        LIMIT,
+        is("healthy"),
+    )
+    .await?;
+    assert_eq!(auto_restarts(&client, "app").await?, 1);
+
+    // Check now, through the CLI.
+    let (ok, out) = tokio::task::block_in_place(|| ctl(&ws, &db, &["check", "app"]))?;
+    assert!(ok, "{out}");
+    assert!(out.contains("check: OK"), "{out}");
+
+    // Stop on purpose: the service is stopped, down, and never restarted automatically.
+    let (ok, out) =
+        tokio::task::block_in_place(|| ctl(&ws, &db, &["--as", "alice", "stop", "app"]))?;
+    assert!(ok, "{out}");
+    assert!(!flag.exists());
+    assert_eq!(mode(&client).await?, "stopped");
+    wait_for("app down while stopped", LIMIT, is("down")).await?;
+    let n = count(
+        &client,
+        "SELECT count(*) FROM check_results WHERE service_id = $1",
+        "app",
+    )
+    .await?;
+    wait_for("three more results", LIMIT, || {
+        let client = &client;
+        async move {
+            Ok((count(
+                client,
+                "SELECT count(*) FROM check_results WHERE service_id = $1",
+                "app",
+            )
+            .await?
+                >= n + 3)
+                .then_some(()))
+        }
+    })
+    .await?;
+    assert_eq!(
+        auto_restarts(&client, "app").await?,
+        1,
+        "a stopped service was restarted"
+    );
+    let who: String = client
+        .query_one(
+            "SELECT requested_by FROM commands WHERE service_id = 'app' AND action = 'stop'",
+            &[],
+        )
+        .await?
+        .get(0);
+    assert_eq!(who, "alice");
+
+    // Start again through the CLI: active and healthy.
+    let (ok, out) = tokio::task::block_in_place(|| ctl(&ws, &db, &["start", "app"]))?;
+    assert!(ok, "{out}");
+    wait_for("app healthy after start", LIMIT, is("healthy")).await?;
+    assert_eq!(mode(&client).await?, "active");
+    // An unknown service is a clear error.
+    let (ok, out) = tokio::task::block_in_place(|| ctl(&ws, &db, &["restart", "nope"]))?;
+    assert!(!ok && out.contains("no service \"nope\""), "{out}");
+
+    // Alerts: the first incident (down, recovered); nothing for the stopped period.
+    wait_for("recovered alert", LIMIT, || {
+        let n = alerts.lock().unwrap().len();
+        async move { Ok((n >= 2).then_some(())) }
+    })
+    .await?;
+    let events: Vec<String> = alerts
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|a| {
+            format!(
+                "{}:{}",
+                a["event"].as_str().unwrap_or(""),
+                a["service"].as_str().unwrap_or("")
+            )
+        })
+        .collect();
+    assert_eq!(events, vec!["down:app", "recovered:app"]);
+    assert_steady_untouched(&client).await?;
+    agent.shutdown().await;
+    collector.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flapping_service_is_not_restarted_in_a_loop() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let flag = dir.path().join("flip");
+    // Up, down, up, down...: each run flips a file.
+    let flip = format!(
+        "id: flip\ncategory: api\nnode: n1\ncheck:\n  type: command\n  interval: 1s\n  argv: [\"/bin/sh\", \"-c\", \"if [ -f {f} ]; then rm {f}; exit 2; else touch {f}; exit 0; fi\"]\n\
+         control:\n  restart: [[\"/bin/true\"]]\non_failure:\n  action: restart\n  after: 1\n  recover_after: 1\n  max_restarts: 100\n  grace: 0s\n",
+        f = flag.display()
+    );
+    let (db, ws, collector) = setup(&[("flip", flip)]).await?;
+    let agent = start_agent(&ws.write_agent("a", "n1", "n1", collector.grpc_addr)?).await?;
+    connected(&agent).await?;
+    let client = db.connect().await?;
+    wait_for("flapping detected", Duration::from_secs(90), || {
+        let client = &client;
+        async move {
+            let n = count(
+                client,
+                "SELECT count(*) FROM events WHERE service_id = $1 AND to_state = 'flapping'",
+                "flip",
+            )
+            .await?;
+            Ok((n > 0).then_some(()))
+        }
+    })
+    .await?;
+    let at_detection = auto_restarts(&client, "flip").await?;
+    let n = count(
+        &client,
+        "SELECT count(*) FROM check_results WHERE service_id = $1",
+        "flip",
+    )
+    .await?;
+    wait_for("six more results", LIMIT, || {
+        let client = &client;
+        async move {
+            Ok((count(
+                client,
+                "SELECT count(*) FROM check_results WHERE service_id = $1",
+                "flip",
+            )
+            .await?
+                >= n + 6)
+                .then_some(()))
+        }
+    })
+    .await?;
+    assert_eq!(
+        auto_restarts(&client, "flip").await?,
+        at_detection,
+        "restarted while flapping"
+    );
+    assert!(
+        at_detection <= 11,
+        "{at_detection} restarts before the flapping was seen"
+    );
+    assert_steady_untouched(&client).await?;
+    agent.shutdown().await;
+    collector.shutdown().await;
+    Ok(())
+}
+
+/// A command created while its agent is away survives a collector restart and is carried out
+/// once when the agent comes; a dependent service is not restarted while its dependency is down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pending_command_survives_collector_restart_and_dependencies_block_restarts()
+-> anyhow::Result<()> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let db_svc = format!(
+        "id: db\ncategory: api\nnode: n1\ncheck:\n  type: tcp\n  interval: 1s\n  timeout: 1s\n  address: 127.0.0.1:{port}\n\
+         control:\n  restart: [[\"/bin/true\"]]\non_failure:\n  action: restart\n  after: 1\n  max_restarts: 1\n  grace: 0s\n"
+    );
+    let app = format!(
+        "id: app\ncategory: api\nnode: n1\ndepends_on: [db]\ncheck:\n  type: tcp\n  interval: 1s\n  timeout: 1s\n  address: 127.0.0.1:{port}\n\
+         control:\n  restart: [[\"/bin/true\"]]\non_failure:\n  action: restart\n  after: 1\n  grace: 0s\n"
+    );
+    let (db, ws, collector) = setup(&[("db", db_svc), ("app", app)]).await?;
+    let store = vigil_collector::Store::connect(&db.url, 1).await?;
+    let id = store
+        .create_command(&vigil_collector::store::NewCommand {
+            service_id: "steady",
+            node: "n1",
+            action: "check",
+            origin: "manual",
+            requested_by: "test",
+            reason: "check while the agent is away",
+            deadline: chrono::Utc::now() + chrono::Duration::minutes(5),
+        })
+        .await?
+        .expect("created");
+    collector.shutdown().await;
+    let collector = Collector::start(Config::load(&ws.path().join("collector.yaml"))?).await?;
+    let agent = start_agent(&ws.write_agent("a", "n1", "n1", collector.grpc_addr)?).await?;
+    connected(&agent).await?;
+    let client = db.connect().await?;
+    wait_for("the pending command carried out", LIMIT, || {
+        let store = &store;
+        async move { Ok(store.command(id).await?.filter(|c| c.finished_at.is_some())) }
+    })
+    .await
+    .map(|c| {
+        assert_eq!(c.status, "succeeded");
+        assert_eq!(c.attempt, 1);
+    })?;
+    assert_eq!(
+        count(
+            &client,
+            "SELECT count(*) FROM commands WHERE service_id = $1",
+            "steady"
+        )
+        .await?,
+        1
+    );
+
+    // db and app are down; db is restarted (budget 1), app never (its dependency is down).
+    wait_for("db gave up", LIMIT, || {
+        let client = &client;
+        async move {
+            let n = count(
+                client,
+                "SELECT count(*) FROM events WHERE service_id = $1 AND to_state = 'gave_up'",
+                "db",
+            )
+            .await?;
+            Ok((n > 0).then_some(()))
+        }
+    })
+    .await?;
+    assert_eq!(state(&client, "app").await?, "down");
+    assert_eq!(
+        auto_restarts(&client, "app").await?,
+        0,
+        "restarted while its dependency is down"
+    );
+    assert_eq!(auto_restarts(&client, "db").await?, 1);
+    agent.shutdown().await;
+    collector.shutdown().await;
+    Ok(())
+}
+
+async fn mode(c: &tokio_postgres::Client) -> anyhow::Result<String> {
+    Ok(c.query_one(
+        "SELECT mode FROM service_state WHERE service_id = 'app'",
+        &[],
+    )
+    .await?
+    .get(0))
+}
