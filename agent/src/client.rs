@@ -285,6 +285,7 @@ impl Client {
             config_version: self.scheduler.lock().await.version(),
             outbox_epoch: self.outbox.epoch(),
             first_unacked_seq: first_unacked,
+            inventory_json: String::new(),
         }
     }
 

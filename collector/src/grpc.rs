@@ -295,9 +295,15 @@ impl v1::agent_service_server::AgentService for AgentSvc {
         let _ = tx.send(Ok(msg(Out::Config(update)))).await;
         let id = self.hub.register(&node, tx.clone());
         let caps = hello.capabilities.clone().unwrap_or_default();
+        let inventory: serde_json::Value = if hello.inventory_json.len() > 64 * 1024 {
+            tracing::warn!(%node, "inventory over 64 KiB ignored");
+            serde_json::Value::Null
+        } else {
+            serde_json::from_str(&hello.inventory_json).unwrap_or(serde_json::Value::Null)
+        };
         let caps_json = serde_json::json!({
             "docker": caps.docker, "systemd": caps.systemd, "gpus": caps.gpus,
-            "check_kinds": caps.check_kinds,
+            "check_kinds": caps.check_kinds, "inventory": inventory,
         });
         if let Err(e) = self
             .hub

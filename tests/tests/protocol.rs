@@ -62,6 +62,7 @@ fn hello() -> AgentMessage {
             config_version: 0,
             outbox_epoch: EPOCH,
             first_unacked_seq: 1,
+            inventory_json: String::new(),
         })),
     }
 }
