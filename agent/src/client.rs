@@ -204,6 +204,9 @@ pub(crate) struct Client {
     pub cache: ConfigCache,
     pub state: watch::Sender<ConnState>,
     pub backoff: Backoff,
+    /// The node's inventory as JSON for the hello: collected before the first hello, again
+    /// after a session that the collector had welcomed ended (cheap, but not free).
+    pub inventory: Option<String>,
 }
 
 impl Client {
@@ -223,6 +226,7 @@ impl Client {
             };
             if welcomed {
                 self.backoff.reset();
+                self.inventory = None;
             }
             let delay = self.backoff.next_delay();
             let retry_in = humantime::format_duration(round_ms(delay)).to_string();
@@ -264,7 +268,24 @@ impl Client {
             .expect("outbox task panicked")
     }
 
-    async fn hello(&self) -> Hello {
+    /// The inventory JSON, collected now unless cached.
+    async fn inventory(&mut self) -> String {
+        if let Some(json) = &self.inventory {
+            return json.clone();
+        }
+        let inventory = vigil_checks::inventory::collect().await;
+        let json = match serde_json::to_string(&inventory) {
+            Ok(j) => j,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot encode the inventory; the hello carries none");
+                String::new()
+            }
+        };
+        self.inventory = Some(json.clone());
+        json
+    }
+
+    async fn hello(&mut self) -> Hello {
         let first_unacked = self
             .blocking(|o| o.first_unacked())
             .await
@@ -273,6 +294,7 @@ impl Client {
                 None
             })
             .unwrap_or(0);
+        let inventory_json = self.inventory().await;
         Hello {
             node: self.node.clone(),
             agent_version: env!("CARGO_PKG_VERSION").to_string(),
@@ -285,7 +307,7 @@ impl Client {
             config_version: self.scheduler.lock().await.version(),
             outbox_epoch: self.outbox.epoch(),
             first_unacked_seq: first_unacked,
-            inventory_json: String::new(),
+            inventory_json,
         }
     }
 

@@ -2,13 +2,16 @@
 //! to the collector over mutual TLS. Usable in-process (tests) through [`Agent::start`].
 //!
 //! Modules: [`config`] (agent.yaml), [`outbox`] (durable results), [`cache`] (last config),
-//! [`scheduler`] (check tasks), [`client`] (the stream), [`backoff`] (reconnect delays).
+//! [`scheduler`] (check tasks, run-now), [`docker_events`] (Docker events make a `docker` check
+//! run at once), [`client`] (the stream, the hello with the node's inventory), [`commands`]
+//! (commands from the collector: restart/stop/start, check now), [`backoff`] (reconnect delays).
 
 pub mod backoff;
 pub mod cache;
 pub mod client;
 pub mod commands;
 pub mod config;
+pub mod docker_events;
 pub mod outbox;
 pub mod scheduler;
 
@@ -24,6 +27,7 @@ pub use config::{AgentConfig, CollectorConfig, ConfigError, ReconnectConfig, Tls
 use crate::backoff::Backoff;
 use crate::cache::ConfigCache;
 use crate::client::{Client, ClientError};
+use crate::docker_events::DockerEvents;
 use crate::outbox::{Outbox, OutboxError};
 use crate::scheduler::Scheduler;
 
@@ -82,6 +86,7 @@ impl Agent {
             Err(e) => tracing::warn!(error = %e, "ignoring the cached config"),
         }
         let scheduler = Arc::new(Mutex::new(scheduler));
+        let docker_events = DockerEvents::start(scheduler.clone()).await;
 
         let (state_tx, state_rx) = watch::channel(ConnState::Connecting);
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -101,12 +106,14 @@ impl Agent {
             cache,
             state: state_tx,
             backoff: Backoff::new(config.reconnect.initial, config.reconnect.max),
+            inventory: None,
         };
         let client_task = tokio::spawn(client.run(shutdown_rx));
         Ok(AgentHandle {
             state: state_rx,
             shutdown: shutdown_tx,
             client_task,
+            docker_events,
             scheduler,
             outbox,
         })
@@ -118,6 +125,7 @@ pub struct AgentHandle {
     state: watch::Receiver<ConnState>,
     shutdown: watch::Sender<bool>,
     client_task: JoinHandle<()>,
+    docker_events: DockerEvents,
     scheduler: Arc<Mutex<Scheduler>>,
     outbox: Arc<Outbox>,
 }
@@ -155,6 +163,7 @@ impl AgentHandle {
         if let Err(e) = self.client_task.await {
             tracing::error!(error = %e, "stream task failed");
         }
+        self.docker_events.stop().await;
         self.scheduler.lock().await.stop_all().await;
         tracing::info!("agent stopped");
     }

@@ -1,7 +1,9 @@
 //! Runs the assigned checks: one task per check, jittered intervals, a global concurrency limit.
 //!
 //! Each outcome becomes a `CheckResult` that is committed to the outbox before the sender is
-//! woken, so no check ever waits on the collector.
+//! woken, so no check ever waits on the collector. [`Scheduler::run_now`] runs a check at once,
+//! out of schedule, through the same path (used by [`crate::docker_events`]); the containers of
+//! the `docker` checks are published on [`Scheduler::docker_targets`].
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -9,10 +11,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rand::Rng;
-use tokio::sync::{Notify, Semaphore, oneshot};
+use tokio::sync::{Notify, Semaphore, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
-use vigil_checks::{Attachments, CheckSpec, Outcome, Status};
+use vigil_checks::{Attachments, CheckKind, CheckSpec, Outcome, Status};
 use vigil_proto::{CheckResult, ConfigUpdate};
 
 use crate::outbox::Outbox;
@@ -38,8 +40,21 @@ struct Task {
     files: Vec<(String, Option<Vec<u8>>)>,
     /// What the task runs, shared with check-now.
     plan: Arc<Plan>,
+    /// Asks the task to run at once; the string says why (it ends up in the result's message).
+    kick: mpsc::Sender<String>,
     stop: oneshot::Sender<()>,
     handle: JoinHandle<()>,
+}
+
+/// A container watched by a `docker` check.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct DockerTarget {
+    /// Host of the engine (`None`: the local default), as in the spec.
+    pub host: Option<String>,
+    /// Container name or id, as in the spec.
+    pub container: String,
+    /// The service whose check watches it.
+    pub service_id: String,
 }
 
 /// What a check task does each interval.
@@ -66,6 +81,8 @@ pub struct Scheduler {
     shared: Arc<Shared>,
     tasks: HashMap<String, Task>,
     version: u64,
+    /// The containers of the running `docker` checks, sorted.
+    docker: watch::Sender<Vec<DockerTarget>>,
 }
 
 impl Scheduler {
@@ -80,7 +97,54 @@ impl Scheduler {
             }),
             tasks: HashMap::new(),
             version: 0,
+            docker: watch::Sender::new(Vec::new()),
         }
+    }
+
+    /// The containers watched by the running `docker` checks, updated whenever a config changes
+    /// them (unchanged when a new config leaves them as they were).
+    pub fn docker_targets(&self) -> watch::Receiver<Vec<DockerTarget>> {
+        self.docker.subscribe()
+    }
+
+    /// Runs the check of `service_id` at once, outside its schedule, through the normal path
+    /// (outbox, then stream); `reason` is appended to the result's message. A request made while
+    /// the check runs makes it run again right after; requests beyond that are merged. The
+    /// regular schedule is unchanged. False when this agent has no check for that service.
+    pub fn run_now(&self, service_id: &str, reason: &str) -> bool {
+        let Some(task) = self.tasks.get(service_id) else {
+            return false;
+        };
+        match task.kick.try_send(reason.to_string()) {
+            Ok(()) | Err(mpsc::error::TrySendError::Full(_)) => true,
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    }
+
+    fn publish_docker_targets(&self) {
+        let mut targets: Vec<DockerTarget> = self
+            .tasks
+            .iter()
+            .filter_map(|(id, t)| match &*t.plan {
+                Plan::Run { spec, .. } => match &spec.kind {
+                    CheckKind::Docker(d) => Some(DockerTarget {
+                        host: d.host.clone(),
+                        container: d.container.clone(),
+                        service_id: id.clone(),
+                    }),
+                    _ => None,
+                },
+                Plan::Broken { .. } => None,
+            })
+            .collect();
+        targets.sort();
+        self.docker.send_if_modified(|now| {
+            if *now == targets {
+                return false;
+            }
+            *now = targets;
+            true
+        });
     }
 
     /// Version of the config running now (0: none).
@@ -164,10 +228,12 @@ impl Scheduler {
                 Plan::Broken { .. } => Vec::new(),
             };
             let (stop, stop_rx) = oneshot::channel();
+            let (kick, kick_rx) = mpsc::channel(1);
             let handle = tokio::spawn(run_check(
                 self.shared.clone(),
                 id.to_string(),
                 plan.clone(),
+                kick_rx,
                 stop_rx,
             ));
             self.tasks.insert(
@@ -176,12 +242,14 @@ impl Scheduler {
                     spec_json: spec_json.to_string(),
                     files: task_files,
                     plan,
+                    kick,
                     stop,
                     handle,
                 },
             );
             started += 1;
         }
+        self.publish_docker_targets();
         tracing::info!(
             version = update.version,
             checks = self.tasks.len(),
@@ -203,6 +271,7 @@ impl Scheduler {
     /// Stops every check and waits for the tasks to end (a run in progress is cancelled).
     pub async fn stop_all(&mut self) {
         let tasks: Vec<Task> = self.tasks.drain().map(|(_, t)| t).collect();
+        self.publish_docker_targets();
         let mut handles = Vec::new();
         for t in tasks {
             let _ = t.stop.send(());
@@ -295,15 +364,18 @@ async fn run_check(
     shared: Arc<Shared>,
     service_id: String,
     plan: Arc<Plan>,
+    mut kick: mpsc::Receiver<String>,
     mut stop: oneshot::Receiver<()>,
 ) {
     let interval = plan.interval();
     let mut next = Instant::now() + first_delay(interval);
     loop {
-        tokio::select! {
-            _ = tokio::time::sleep_until(next) => {}
+        // `Some(why)`: an out-of-schedule run asked for by `Scheduler::run_now`.
+        let kicked = tokio::select! {
+            _ = tokio::time::sleep_until(next) => None,
+            Some(why) = kick.recv() => Some(why),
             _ = &mut stop => return,
-        }
+        };
         let permit = tokio::select! {
             p = shared.semaphore.clone().acquire_owned() => match p {
                 Ok(p) => p,
@@ -313,11 +385,16 @@ async fn run_check(
         };
         let started = Instant::now();
         let started_at = SystemTime::now();
-        let outcome = tokio::select! {
+        let mut outcome = tokio::select! {
             o = run_plan(&plan) => o,
             _ = &mut stop => return,
         };
         drop(permit);
+        if let Some(why) = &kicked {
+            tracing::info!(service = %service_id, reason = %why, status = %outcome.status,
+                "check run at once");
+            outcome.message = format!("{} (run at once: {why})", outcome.message);
+        }
 
         let version = shared.version.load(Ordering::SeqCst);
         let result = to_result(&service_id, started_at, &outcome, version);
@@ -336,7 +413,10 @@ async fn run_check(
             }
         }
 
-        next = (started + jittered(interval)).max(Instant::now());
+        // A run on request leaves the schedule as it was.
+        if kicked.is_none() {
+            next = (started + jittered(interval)).max(Instant::now());
+        }
     }
 }
 
@@ -527,6 +607,63 @@ mod tests {
         );
         s.stop_all().await;
         assert!(s.services().is_empty());
+    }
+
+    #[tokio::test]
+    async fn run_now_runs_out_of_schedule_and_says_why() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ob, _notify, mut s) = setup(dir.path());
+        let hourly = r#"{"type":"command","argv":["/bin/true"],"interval":"1h"}"#;
+        s.apply(&update(1, &[("ok", hourly)])).await;
+        wait_for(&ob, "the first result", |p| p.len() == 1).await;
+        assert!(s.run_now("ok", "a test"));
+        assert!(!s.run_now("missing", "a test"));
+        // Only the request can explain a second result within an hourly interval.
+        wait_for(&ob, "the result run at once", |p| p.len() == 2).await;
+        let r = &ob.pending(1, 1).unwrap()[0];
+        assert_eq!(r.service_id, "ok");
+        assert_eq!(r.status, vigil_proto::Status::Ok as i32);
+        assert!(
+            r.message.ends_with("(run at once: a test)"),
+            "{}",
+            r.message
+        );
+        s.stop_all().await;
+        assert!(!s.run_now("ok", "a test"));
+    }
+
+    #[tokio::test]
+    async fn docker_targets_follow_the_config() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_ob, _notify, mut s) = setup(dir.path());
+        let mut rx = s.docker_targets();
+        assert!(rx.borrow_and_update().is_empty());
+        let web = r#"{"type":"docker","container":"web","interval":"1h"}"#;
+        let db = r#"{"type":"docker","container":"db","host":"unix:///x.sock","interval":"1h"}"#;
+        s.apply(&update(1, &[("web", web), ("db", db), ("ok", TRUE)]))
+            .await;
+        assert!(rx.has_changed().unwrap());
+        let want = vec![
+            DockerTarget {
+                host: None,
+                container: "web".into(),
+                service_id: "web".into(),
+            },
+            DockerTarget {
+                host: Some("unix:///x.sock".into()),
+                container: "db".into(),
+                service_id: "db".into(),
+            },
+        ];
+        assert_eq!(*rx.borrow_and_update(), want);
+        // A new config with the same docker checks does not disturb the watchers.
+        s.apply(&update(2, &[("web", web), ("db", db)])).await;
+        assert!(!rx.has_changed().unwrap());
+        s.apply(&update(3, &[("web", web)])).await;
+        assert!(rx.has_changed().unwrap());
+        assert_eq!(*rx.borrow_and_update(), want[..1]);
+        s.stop_all().await;
+        assert!(rx.borrow_and_update().is_empty());
     }
 
     #[test]

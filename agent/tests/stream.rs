@@ -323,6 +323,22 @@ async fn stream_delivers_results_and_handles_collector_messages() {
     assert_ne!(hello.outbox_epoch, 0);
     let kinds = hello.capabilities.unwrap().check_kinds;
     assert_eq!(kinds, vigil_checks::KINDS);
+    // The hello carries what the node is.
+    let inventory: serde_json::Value =
+        serde_json::from_str(&hello.inventory_json).unwrap_or_else(|e| {
+            panic!(
+                "inventory_json is not JSON ({e}): {:?}",
+                hello.inventory_json
+            )
+        });
+    assert!(
+        inventory["cpu_count"].as_u64().is_some_and(|n| n > 0),
+        "{inventory}"
+    );
+    assert!(
+        inventory["kernel"].as_str().is_some_and(|k| !k.is_empty()),
+        "{inventory}"
+    );
 
     let s = wait_state(&agent, "connected", |s| {
         matches!(s, ConnState::Connected { .. })

@@ -56,7 +56,7 @@ pub(crate) struct ContainerFacts {
 }
 
 /// Connects to the engine at `host` (or the local default) and agrees on an API version.
-pub(crate) async fn connect(host: Option<&str>, timeout: Duration) -> Result<Docker, String> {
+pub async fn connect(host: Option<&str>, timeout: Duration) -> Result<Docker, String> {
     let secs = timeout.as_secs().max(1);
     let client = match host {
         None => Docker::connect_with_local_defaults(),

@@ -141,11 +141,23 @@ pub struct TlsFiles {
 pub struct NodeConfig {
     /// Node name; an agent's certificate carries it as its identity.
     pub name: String,
-    /// Host name or IP, shown to operators (and used for SSH by agentless nodes later).
+    /// Host name or IP, shown to operators and used for SSH.
     #[serde(default)]
     pub address: String,
     #[serde(default)]
     pub description: String,
+    /// Whether an agent runs on this node (default true). Without one, the collector runs the
+    /// node's checks itself: `command` checks over SSH, the others from the collector.
+    #[serde(default = "yes")]
+    pub agent: bool,
+    /// How to reach the node over SSH: for agentless nodes, for `control.via: ssh`, and for
+    /// `via: auto` when the agent is not connected.
+    #[serde(default)]
+    pub ssh: Option<crate::ssh::SshConfig>,
+}
+
+fn yes() -> bool {
+    true
 }
 
 fn d_after() -> u32 {
@@ -384,6 +396,25 @@ impl Config {
                 "after and recover_after must be at least 1",
             ));
         }
+        let mut file = file;
+        for (i, n) in file.nodes.iter_mut().enumerate() {
+            if let Some(ssh) = &mut n.ssh {
+                for p in [&mut ssh.key, &mut ssh.password_file, &mut ssh.known_hosts]
+                    .into_iter()
+                    .flatten()
+                {
+                    *p = resolve(p);
+                }
+                ssh.validate()
+                    .map_err(|e| invalid(path, format!("nodes[{i}].ssh"), e.to_string()))?;
+            } else if !n.agent {
+                return Err(invalid(
+                    path,
+                    format!("nodes[{i}]"),
+                    "a node without an agent (agent: false) needs an ssh: block",
+                ));
+            }
+        }
         let mut seen = HashSet::new();
         for (i, n) in file.nodes.iter().enumerate() {
             if !valid_name(&n.name) {
@@ -424,6 +455,23 @@ impl Config {
             let text = read(&f)?;
             let sf: ServiceFile = parse_yaml(&f, &text)?;
             let svc = Self::load_service(&f, sf, &file.defaults, &seen)?;
+            let node = file
+                .nodes
+                .iter()
+                .find(|n| n.name == svc.node)
+                .expect("node checked");
+            let via_ssh = svc.control.as_ref().is_some_and(|c| c.via == Via::Ssh);
+            if via_ssh && node.ssh.is_none() {
+                return Err(invalid(
+                    &f,
+                    "control.via",
+                    format!(
+                        "ssh needs an ssh: block under node {:?} in collector.yaml",
+                        node.name
+                    ),
+                ));
+            }
+
             if let Some(other) = ids.insert(svc.id.clone(), f.clone()) {
                 return Err(invalid(
                     &f,
@@ -580,6 +628,10 @@ impl Config {
     /// The services a node's agent runs.
     pub fn services_of<'a>(&'a self, node: &'a str) -> impl Iterator<Item = &'a Service> + 'a {
         self.services.iter().filter(move |s| s.node == node)
+    }
+
+    pub fn node(&self, name: &str) -> Option<&NodeConfig> {
+        self.nodes.iter().find(|n| n.name == name)
     }
 
     pub fn service(&self, id: &str) -> Option<&Service> {

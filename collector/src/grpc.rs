@@ -48,6 +48,8 @@ pub struct Hub {
     next_id: AtomicU64,
     pub shutdown: CancellationToken,
     pub notifier: crate::notify::Notifier,
+    /// SSH sessions to nodes (agentless checks, control over SSH).
+    pub ssh: crate::ssh::SshPool,
 }
 
 fn fnv1a(h: &mut u64, bytes: &[u8]) {
@@ -93,6 +95,7 @@ impl Hub {
         let notifier = crate::notify::Notifier::start(&config.notify);
         Arc::new(Hub {
             notifier,
+            ssh: crate::ssh::SshPool::new(),
             store,
             config: RwLock::new(Arc::new(config)),
             sessions: std::sync::Mutex::new(HashMap::new()),
@@ -341,6 +344,7 @@ impl v1::agent_service_server::AgentService for AgentSvc {
             {
                 tracing::error!(%node, error = %e, "cannot record agent disconnection");
             }
+            crate::remediation::agent_gone(&hub, &node).await;
             tracing::info!(%node, %reason, "agent disconnected");
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))

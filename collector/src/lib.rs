@@ -2,6 +2,7 @@
 //! keeps each service's state, and offers CA tooling and a status table. The binary
 //! `vigil-collector` is a thin CLI over this library; tests run it in-process.
 
+pub mod agentless;
 pub mod ca;
 pub mod config;
 pub mod grpc;
@@ -117,6 +118,7 @@ impl Collector {
                 }
             }
         });
+        agentless::start(hub.clone());
         tracing::info!(addr = %grpc_addr, "collector listening for agents (mTLS)");
         Ok(Collector {
             grpc_addr,

@@ -5,10 +5,10 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use vigil_control::Action;
+use vigil_control::{Action, How, Plan, Via};
 use vigil_proto::v1::{self, collector_message::Msg as Out};
 
-use crate::config::{FailureAction, Service};
+use crate::config::{FailureAction, NodeConfig, Service};
 use crate::grpc::Hub;
 use crate::state::State;
 use crate::store::{CommandRow, NewCommand, ResultIn, ServiceView};
@@ -197,10 +197,17 @@ async fn auto_restart(
 /// Sends an open command to whoever can carry it out now; leaves it pending if nobody can yet
 /// (the agent may come back before the deadline). A command that cannot be carried out at all
 /// fails at once with the reason.
-pub async fn dispatch(hub: &Hub, cmd: &CommandRow) {
-    if let Err(e) = try_dispatch(hub, cmd).await {
-        tracing::error!(command_id = cmd.id, error = %e, "cannot dispatch command");
-    }
+pub fn dispatch<'a>(
+    hub: &'a Hub,
+    cmd: &'a CommandRow,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>> {
+    // Boxed: a check-now over SSH stores its result, which may lead to remediation and another
+    // dispatch.
+    Box::pin(async move {
+        if let Err(e) = try_dispatch(hub, cmd).await {
+            tracing::error!(command_id = cmd.id, error = %e, "cannot dispatch command");
+        }
+    })
 }
 
 async fn fail(hub: &Hub, cmd: &CommandRow, why: &str) -> Result<(), crate::store::StoreError> {
@@ -242,7 +249,34 @@ async fn try_dispatch(hub: &Hub, cmd: &CommandRow) -> Result<(), crate::store::S
             Err(e) => return fail(hub, cmd, &e.to_string()).await,
         }
     };
-    let Some(tx) = hub.session_tx(&cmd.node) else {
+    let Some(node) = cfg.node(&cmd.node).cloned() else {
+        return fail(
+            hub,
+            cmd,
+            &format!("node {:?} is no longer configured", cmd.node),
+        )
+        .await;
+    };
+    let via = svc.control.as_ref().map(|c| c.via).unwrap_or_default();
+    let agent = if node.agent {
+        hub.session_tx(&node.name)
+    } else {
+        None
+    };
+    let ssh_ok = node.ssh.is_some() || (!node.agent && cmd.action == "check");
+    let over_ssh = match via {
+        Via::Agent => false,
+        Via::Ssh => true,
+        Via::Auto => agent.is_none() && ssh_ok,
+    };
+    if over_ssh {
+        if !hub.store.mark_sent(cmd.id, "ssh").await? {
+            return Ok(());
+        }
+        run_over_ssh(hub, cmd, svc.clone(), node, plan_json).await;
+        return Ok(());
+    }
+    let Some(tx) = agent else {
         tracing::info!(command_id = cmd.id, node = %cmd.node, "agent not connected; command waits for it");
         return Ok(());
     };
@@ -264,6 +298,132 @@ async fn try_dispatch(hub: &Hub, cmd: &CommandRow) -> Result<(), crate::store::S
         tracing::info!(command_id = cmd.id, node = %cmd.node, service = %cmd.service_id, action = %cmd.action, "command sent to agent");
     }
     Ok(())
+}
+
+/// Carries out a command from the collector: a check-now of an agentless service (locally or
+/// over SSH), or a start/stop/restart plan over SSH. Records the outcome.
+async fn run_over_ssh(
+    hub: &Hub,
+    cmd: &CommandRow,
+    svc: Service,
+    node: NodeConfig,
+    plan_json: String,
+) {
+    tracing::info!(command_id = cmd.id, node = %node.name, service = %svc.id, action = %cmd.action, "running command over SSH");
+    let (status, exit_code, output) = if cmd.action == "check" {
+        let started_at = Utc::now();
+        let outcome = crate::agentless::run_check(hub, &node, &svc.check).await;
+        let text = format!(
+            "{}: {}",
+            outcome.status.as_str().to_uppercase(),
+            outcome.message
+        );
+        let result = crate::agentless::result_of(cmd.id as u64, &svc.id, started_at, outcome);
+        let map = std::iter::once((svc.id.clone(), svc.thresholds)).collect();
+        match hub
+            .store
+            .ingest(&node.name, 0, std::slice::from_ref(&result), &map)
+            .await
+        {
+            Ok(report) => crate::grpc::after_ingest(hub, &node.name, &report).await,
+            Err(e) => {
+                tracing::error!(command_id = cmd.id, error = %e, "cannot store a check-now result")
+            }
+        }
+        ("succeeded", None, text)
+    } else {
+        let Some(ssh) = node.ssh.clone() else {
+            let _ = fail(hub, cmd, &format!("node {} has no ssh: block", node.name)).await;
+            return;
+        };
+        let plan: Plan = match serde_json::from_str(&plan_json) {
+            Ok(p) => p,
+            Err(e) => {
+                let _ = fail(hub, cmd, &format!("bad plan: {e}")).await;
+                return;
+            }
+        };
+        let sudo = svc.control.as_ref().is_some_and(|c| c.sudo);
+        let steps: Vec<Vec<String>> = match &plan.how {
+            How::Steps { steps } => steps.clone(),
+            How::Container { name } => {
+                let mut argv: Vec<String> = Vec::new();
+                if sudo {
+                    argv.extend(["sudo".to_string(), "-n".to_string()]);
+                }
+                argv.extend([
+                    "docker".to_string(),
+                    plan.action.as_str().to_string(),
+                    name.clone(),
+                ]);
+                vec![argv]
+            }
+        };
+        let mut output = String::new();
+        let mut outcome = ("succeeded", Some(0), String::new());
+        for (i, argv) in steps.iter().enumerate() {
+            output.push_str(&format!("$ {}\n", argv.join(" ")));
+            match hub
+                .ssh
+                .run(&node.address, &ssh, argv, Some(plan.step_timeout))
+                .await
+            {
+                Err(e) => {
+                    output.push_str(&format!("step {}/{}: {e}\n", i + 1, steps.len()));
+                    outcome = ("failed", None, String::new());
+                    break;
+                }
+                Ok(o) => {
+                    output.push_str(&vigil_checks::excerpt(&o.output, 4096));
+                    if o.timed_out {
+                        output.push_str(&format!("step {}/{} timed out\n", i + 1, steps.len()));
+                        outcome = ("timed_out", None, String::new());
+                        break;
+                    }
+                    if o.exit_code != Some(0) {
+                        outcome = ("failed", o.exit_code, String::new());
+                        break;
+                    }
+                }
+            }
+        }
+        (outcome.0, outcome.1, output)
+    };
+    let output = vigil_checks::excerpt(&output, 8 * 1024);
+    match hub
+        .store
+        .finish_command(cmd.id, status, exit_code, &output)
+        .await
+    {
+        Ok(Some(row)) => after_finish(hub, &row).await,
+        Ok(None) => {}
+        Err(e) => tracing::error!(command_id = cmd.id, error = %e, "cannot record command result"),
+    }
+}
+
+/// An agent went away: its commands still in flight are re-sent over SSH where the service
+/// allows it (`via: auto` and the node has SSH); the others time out at their deadline.
+pub async fn agent_gone(hub: &Hub, node: &str) {
+    let Ok(rows) = hub.store.open_commands().await else {
+        return;
+    };
+    let cfg = hub.config().await;
+    let has_ssh = cfg.node(node).is_some_and(|n| n.ssh.is_some());
+    for row in rows
+        .iter()
+        .filter(|r| r.node == node && r.status == "sent" && r.via.as_deref() == Some("agent"))
+    {
+        let auto = cfg
+            .service(&row.service_id)
+            .and_then(|s| s.control.as_ref())
+            .is_none_or(|c| c.via == Via::Auto);
+        if auto && has_ssh {
+            tracing::warn!(command_id = row.id, %node, "agent disconnected with the command in flight; re-running it over SSH");
+            if hub.store.requeue(row.id).await.is_ok() {
+                dispatch(hub, row).await;
+            }
+        }
+    }
 }
 
 /// Applies a command result reported by `node`'s agent.

@@ -1,0 +1,170 @@
+//! Agentless nodes: the collector runs their checks itself — `command` checks over SSH, the
+//! other kinds from the collector — and stores the results through the same ingest path as an
+//! agent's, so thresholds, remediation and alerts work the same.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use chrono::Utc;
+use vigil_checks::{CheckKind, CheckSpec, Outcome, Status};
+
+use crate::config::{NodeConfig, Service};
+use crate::grpc::Hub;
+use crate::store::ResultIn;
+
+/// Runs one check for an agentless node: a `command` check over SSH, anything else locally.
+pub async fn run_check(hub: &Hub, node: &NodeConfig, spec: &CheckSpec) -> Outcome {
+    let CheckKind::Command(cmd) = &spec.kind else {
+        let files = Arc::new(hub.config().await.attachments.clone());
+        return spec.run(&files).await;
+    };
+    let Some(ssh) = &node.ssh else {
+        return Outcome::new(
+            Status::Unknown,
+            format!("node {} has no ssh: block", node.name),
+        );
+    };
+    let started = std::time::Instant::now();
+    let mut outcome = match hub
+        .ssh
+        .run(&node.address, ssh, &cmd.argv, Some(spec.timeout))
+        .await
+    {
+        Ok(out) if out.timed_out => Outcome::new(
+            Status::Unknown,
+            format!(
+                "timed out after {} over SSH",
+                humantime::format_duration(spec.timeout)
+            ),
+        ),
+        Ok(out) => {
+            let parsed = vigil_checks::perfdata::parse_plugin_output_struct(&out.output);
+            let status = match (out.exit_code, &out.exit_signal) {
+                (Some(code), _) => Status::from_exit_code(code),
+                (None, _) => Status::Unknown,
+            };
+            let message = match (&out.exit_signal, parsed.message.is_empty()) {
+                (Some(sig), _) => format!("killed by signal {sig}"),
+                (None, true) => format!("exit code {}, no output", out.exit_code.unwrap_or(-1)),
+                (None, false) => parsed.message.clone(),
+            };
+            let mut o = Outcome::new(status, message);
+            o.metrics = parsed.metrics;
+            o.output = vigil_checks::excerpt(&out.output, vigil_checks::MAX_OUTPUT_BYTES);
+            o
+        }
+        // The node cannot be reached or refused us: the check could not run.
+        Err(e) => Outcome::new(Status::Unknown, format!("ssh: {e}")),
+    };
+    outcome.duration = started.elapsed();
+    outcome
+}
+
+/// Converts an outcome into a result to store.
+pub fn result_of(
+    seq: u64,
+    service_id: &str,
+    started_at: chrono::DateTime<Utc>,
+    o: Outcome,
+) -> ResultIn {
+    ResultIn {
+        seq,
+        service_id: service_id.to_string(),
+        started_at,
+        duration_ms: o.duration.as_millis().min(u32::MAX as u128) as u32,
+        status: o.status,
+        message: o.message,
+        metrics: o.metrics,
+        output: o.output,
+        config_version: 0,
+    }
+}
+
+/// Keeps one task per service of an agentless node running, following config reloads.
+pub fn start(hub: Arc<Hub>) {
+    tokio::spawn(async move {
+        // A fresh epoch per collector run; seq counts up within it.
+        let epoch = rand_epoch();
+        let seq = Arc::new(AtomicU64::new(0));
+        let mut running: HashMap<String, (String, tokio::task::JoinHandle<()>)> = HashMap::new();
+        let mut every = tokio::time::interval(Duration::from_secs(2));
+        loop {
+            tokio::select! {
+                _ = hub.shutdown.cancelled() => break,
+                _ = every.tick() => {}
+            }
+            let cfg = hub.config().await;
+            let mut wanted: HashMap<String, (String, Service, NodeConfig)> = HashMap::new();
+            for svc in &cfg.services {
+                if let Some(node) = cfg.node(&svc.node).filter(|n| !n.agent) {
+                    let key = format!(
+                        "{}|{}",
+                        serde_json::to_string(&svc.check).unwrap_or_default(),
+                        serde_json::to_string(node).unwrap_or_default()
+                    );
+                    wanted.insert(svc.id.clone(), (key, svc.clone(), node.clone()));
+                }
+            }
+            running.retain(|id, (key, task)| {
+                let keep = wanted.get(id).is_some_and(|(k, _, _)| k == key);
+                if !keep {
+                    task.abort();
+                }
+                keep
+            });
+            for (id, (key, svc, node)) in wanted {
+                if running.contains_key(&id) {
+                    continue;
+                }
+                let task = tokio::spawn(run_service(hub.clone(), epoch, seq.clone(), svc, node));
+                running.insert(id, (key, task));
+            }
+        }
+        for (_, (_, task)) in running {
+            task.abort();
+        }
+    });
+}
+
+fn rand_epoch() -> u64 {
+    // Time-based and never 0; distinct per collector run.
+    (Utc::now().timestamp_nanos_opt().unwrap_or(1) as u64) | 1
+}
+
+async fn run_service(
+    hub: Arc<Hub>,
+    epoch: u64,
+    seq: Arc<AtomicU64>,
+    svc: Service,
+    node: NodeConfig,
+) {
+    tracing::info!(service = %svc.id, node = %node.name, kind = svc.check.kind.name(), "checking an agentless service from the collector");
+    let first = Duration::from_millis((epoch % 1000).min(svc.check.interval.as_millis() as u64));
+    tokio::time::sleep(first).await;
+    loop {
+        let started_at = Utc::now();
+        let outcome = run_check(&hub, &node, &svc.check).await;
+        let n = seq.fetch_add(1, Ordering::Relaxed) + 1;
+        let result = result_of(n, &svc.id, started_at, outcome);
+        let th = std::iter::once((svc.id.clone(), svc.thresholds)).collect();
+        match hub
+            .store
+            .ingest(&node.name, epoch, std::slice::from_ref(&result), &th)
+            .await
+        {
+            Ok(report) => crate::grpc::after_ingest(&hub, &node.name, &report).await,
+            Err(e) => {
+                tracing::error!(service = %svc.id, error = %e, "cannot store an agentless result")
+            }
+        }
+        // ±10 % jitter.
+        let interval = svc.check.interval.as_secs_f64();
+        let jitter = ((n.wrapping_mul(2654435761) % 2001) as f64 / 1000.0 - 1.0) * 0.1;
+        tokio::time::sleep(Duration::from_secs_f64(
+            (interval * (1.0 + jitter)).max(0.1),
+        ))
+        .await;
+    }
+}

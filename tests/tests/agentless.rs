@@ -1,0 +1,170 @@
+//! Agentless nodes and control over SSH, against a real sshd on loopback: a service checked over
+//! SSH is restarted over SSH when it fails; a wrong host key is refused; with `via: auto` and the
+//! agent stopped, a restart goes over SSH.
+
+use std::time::Duration;
+
+use vigil_collector::{Collector, Config};
+use vigil_tests::{Workspace, connected, count, init, pg, sshd, start_agent, wait_for};
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+fn node_yaml(name: &str, agent: bool, s: &sshd::Sshd, fingerprint: &str) -> String {
+    format!(
+        "  - name: {name}\n    address: 127.0.0.1\n    agent: {agent}\n    ssh:\n      port: {}\n      user: {}\n      key: {}\n      host_key_fingerprint: \"{fingerprint}\"\n      connect_timeout: 5s\n",
+        s.port,
+        s.user,
+        s.client_key.display()
+    )
+}
+
+/// A service checked by `test -f FLAG` and restarted by `touch FLAG`.
+fn flag_service(id: &str, node: &str, flag: &std::path::Path, via: &str) -> String {
+    let f = flag.display();
+    format!(
+        "id: {id}\ncategory: api\nnode: {node}\ncheck:\n  type: command\n  interval: 1s\n  timeout: 5s\n  argv: [\"/bin/sh\", \"-c\", \"test -f {f} || exit 2\"]\n\
+         control:\n  via: {via}\n  restart: [[\"/bin/touch\", \"{f}\"]]\n  timeout: 10s\n\
+         on_failure:\n  action: restart\n  after: 2\n  recover_after: 1\n  grace: 0s\n"
+    )
+}
+
+async fn state(db: &tokio_postgres::Client, service: &str) -> anyhow::Result<String> {
+    Ok(db
+        .query_one(
+            "SELECT state FROM service_state WHERE service_id = $1",
+            &[&service],
+        )
+        .await?
+        .get(0))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agentless_service_is_checked_and_restarted_over_ssh_and_a_wrong_host_key_is_refused()
+-> anyhow::Result<()> {
+    init();
+    let sshd = sshd::start().await?;
+    let db = pg::test_db().await?;
+    let ws = Workspace::new()?;
+    let flag = ws.path().join("edge.up");
+    ws.write_service("edge-app", &flag_service("edge-app", "edge", &flag, "ssh"))?;
+    ws.write_service(
+        "rogue-app",
+        &flag_service("rogue-app", "rogue", &ws.path().join("never"), "ssh"),
+    )?;
+    let wrong = "SHA256:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA";
+    let yaml = format!(
+        "grpc_listen: 127.0.0.1:0\ndatabase: {{ url: \"{}\" }}\n\
+         tls: {{ ca: certs/ca.pem, cert: certs/collector.pem, key: certs/collector.key }}\nnodes:\n{}{}",
+        db.url,
+        node_yaml("edge", false, &sshd, &sshd.host_fingerprint),
+        node_yaml("rogue", false, &sshd, wrong),
+    );
+    std::fs::write(ws.path().join("collector.yaml"), yaml)?;
+    let collector = Collector::start(Config::load(&ws.path().join("collector.yaml"))?).await?;
+    let client = db.connect().await?;
+
+    // The flag is missing: down, restarted over SSH (touch), healthy.
+    wait_for("edge-app healthy after a restart over SSH", LIMIT, || {
+        let client = &client;
+        async move { Ok((state(client, "edge-app").await? == "healthy").then_some(())) }
+    })
+    .await?;
+    assert!(flag.exists());
+    let row = client
+        .query_one(
+            "SELECT status, via, origin FROM commands WHERE service_id = 'edge-app' ORDER BY id LIMIT 1",
+            &[],
+        )
+        .await?;
+    assert_eq!(row.get::<_, String>(0), "succeeded");
+    assert_eq!(row.get::<_, Option<String>>(1).as_deref(), Some("ssh"));
+    assert_eq!(row.get::<_, String>(2), "auto");
+
+    // The wrong pinned key: every check fails with a host key error, nothing runs there.
+    let message: String = wait_for("a refused rogue check", LIMIT, || {
+        let client = &client;
+        async move {
+            Ok(client
+                .query_opt(
+                    "SELECT message FROM check_results WHERE service_id = 'rogue-app' LIMIT 1",
+                    &[],
+                )
+                .await?
+                .map(|r| r.get(0)))
+        }
+    })
+    .await?;
+    assert!(
+        message.contains("host key") && message.contains("127.0.0.1"),
+        "{message}"
+    );
+    collector.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_agent_stopped_an_auto_restart_goes_over_ssh() -> anyhow::Result<()> {
+    init();
+    let sshd = sshd::start().await?;
+    let db = pg::test_db().await?;
+    let ws = Workspace::new()?;
+    ws.issue("n1")?;
+    let flag = ws.path().join("app.up");
+    std::fs::write(&flag, "")?;
+    ws.write_service("app", &flag_service("app", "n1", &flag, "auto"))?;
+    let yaml = format!(
+        "grpc_listen: 127.0.0.1:0\ndatabase: {{ url: \"{}\" }}\n\
+         tls: {{ ca: certs/ca.pem, cert: certs/collector.pem, key: certs/collector.key }}\nnodes:\n{}",
+        db.url,
+        node_yaml("n1", true, &sshd, &sshd.host_fingerprint),
+    );
+    std::fs::write(ws.path().join("collector.yaml"), yaml)?;
+    let collector = Collector::start(Config::load(&ws.path().join("collector.yaml"))?).await?;
+    let agent = start_agent(&ws.write_agent("a", "n1", "n1", collector.grpc_addr)?).await?;
+    connected(&agent).await?;
+    let client = db.connect().await?;
+    wait_for("app healthy", LIMIT, || {
+        let client = &client;
+        async move { Ok((state(client, "app").await? == "healthy").then_some(())) }
+    })
+    .await?;
+    agent.shutdown().await;
+    wait_for("the agent seen as gone", LIMIT, || {
+        let hub = &collector.hub;
+        async move { Ok(hub.connected_nodes().is_empty().then_some(())) }
+    })
+    .await?;
+    std::fs::remove_file(&flag)?;
+    let store = vigil_collector::Store::connect(&db.url, 1).await?;
+    let id = store
+        .create_command(&vigil_collector::store::NewCommand {
+            service_id: "app",
+            node: "n1",
+            action: "restart",
+            origin: "manual",
+            requested_by: "test",
+            reason: "agent is down",
+            deadline: chrono::Utc::now() + chrono::Duration::minutes(5),
+        })
+        .await?
+        .expect("created");
+    let row = wait_for("the restart finished", LIMIT, || {
+        let store = &store;
+        async move { Ok(store.command(id).await?.filter(|c| c.finished_at.is_some())) }
+    })
+    .await?;
+    assert_eq!(row.status, "succeeded", "{}", row.output);
+    assert_eq!(row.via.as_deref(), Some("ssh"));
+    assert!(flag.exists(), "the restart did not run");
+    assert_eq!(
+        count(
+            &client,
+            "SELECT count(*) FROM commands WHERE service_id = $1",
+            "app"
+        )
+        .await?,
+        1
+    );
+    collector.shutdown().await;
+    Ok(())
+}
