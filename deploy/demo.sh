@@ -5,6 +5,8 @@
 #   deploy/demo.sh          build, start everything (again), wait for the first results, print the state
 #   deploy/demo.sh status   print the service table
 #   deploy/demo.sh stop     stop the demo's processes and its PostgreSQL cluster
+#   deploy/demo.sh start-testsvc   (re)start only the demo service; Vigil's restart command for
+#                           demo-ocr runs this
 #
 # Everything it makes lives in .vigil/ (certificates, agent state, logs, the database cluster);
 # `rm -rf .vigil` after `stop` removes all of it. Ports: 7443 (agent gRPC), 18080 (demo service),
@@ -14,6 +16,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 STATE="$ROOT/.vigil"
 RUN="$STATE/run"
+cd "$ROOT"   # the agent runs demo-ocr's restart command (deploy/demo.sh start-testsvc) from here
 BIN="$ROOT/target/debug"
 PG_DIR="$STATE/pg"
 PG_PORT=55432
@@ -34,6 +37,21 @@ stop_proc() {
         echo "stopped $name (pid $pid)"
     fi
     rm -f "$pidfile"
+}
+
+start_testsvc() {
+    mkdir -p "$RUN"
+    if [ -f "$RUN/testsvc.pid" ] && kill -0 "$(cat "$RUN/testsvc.pid")" 2>/dev/null; then
+        echo "demo service already running"
+        return 0
+    fi
+    setsid nohup "$BIN/vigil-testsvc" --listen 127.0.0.1:18080 >>"$RUN/testsvc.log" 2>&1 </dev/null &
+    echo $! >"$RUN/testsvc.pid"
+    for _ in $(seq 1 50); do
+        port_free 18080 || { echo "demo service started (pid $(cat "$RUN/testsvc.pid"))"; return 0; }
+        sleep 0.1
+    done
+    die "the demo service did not start (log: $RUN/testsvc.log)"
 }
 
 start_proc() {
@@ -102,7 +120,7 @@ cmd_start() {
     "$BIN/vigil-collector" check-config --config "$CONFIG"
 
     say "Starting the demo service (fake OCR API) on 127.0.0.1:18080"
-    start_proc testsvc "$BIN/vigil-testsvc" --listen 127.0.0.1:18080
+    start_testsvc
     say "Starting the collector on 127.0.0.1:7443"
     start_proc collector "$BIN/vigil-collector" serve --config "$CONFIG"
     say "Starting the agent for node 'local'"
@@ -128,7 +146,7 @@ cmd_start() {
 
 Vigil is running.
   demo-web    HTTP page with a keyword            -> healthy
-  demo-ocr    PDF upload to a fake OCR API        -> healthy
+  demo-ocr    PDF upload to a fake OCR API        -> healthy (Vigil restarts it when it fails)
   demo-load   Nagios-style command with perfdata  -> healthy
   demo-broken nothing listens on its port         -> failing, then DOWN after 2 failures
   mineru      the real Mineru case on node gpu-01 -> unknown (no agent there in the demo)
@@ -138,13 +156,17 @@ Where to look:
   logs               $RUN/collector.log  $RUN/agent.log  $RUN/testsvc.log
   the database       psql '$url'
                      (tables: check_results, service_state, events, nodes, services)
-  make a service fail: kill \$(cat $RUN/testsvc.pid)   then watch the table turn DOWN
+  make a service fail: kill \$(cat $RUN/testsvc.pid)
+                     watch demo-ocr go DOWN, then Vigil restart it through the agent:
+                     psql '$url' -c 'select id, service_id, action, origin, status from commands'
+  act by hand        target/debug/vigil-collector ctl --config config/collector.yaml restart demo-ocr
   stop everything    bash deploy/demo.sh stop
 MSG
 }
 
 case "${1:-start}" in
     start) cmd_start ;;
+    start-testsvc) start_testsvc ;;
     status) cmd_status ;;
     stop) cmd_stop ;;
     -h|--help|help) sed -n '2,11p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' ;;

@@ -33,7 +33,8 @@ fn human(d: Duration) -> String {
     humantime::format_duration(Duration::from_secs(d.as_secs())).to_string()
 }
 
-/// The pure decision for one service. `deps_down` are the ids of its dependencies that are down.
+/// The pure decision for one service. `deps_down` are the ids of its dependencies that are not
+/// healthy.
 pub fn decide(
     v: &ServiceView,
     svc: &Service,
@@ -124,13 +125,15 @@ pub async fn evaluate(hub: &Hub, ids: &[String]) {
         else {
             continue;
         };
+        // A dependency that is not known healthy (down, failing, or no result yet) blocks
+        // restarts: restarting a dependent cannot help, and might hurt.
         let deps_down: Vec<String> = svc
             .depends_on
             .iter()
             .filter(|d| {
-                views
+                !views
                     .iter()
-                    .any(|v| &v.service_id == *d && v.state == State::Down)
+                    .any(|v| &v.service_id == *d && v.state == State::Healthy)
             })
             .cloned()
             .collect();

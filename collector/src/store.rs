@@ -631,13 +631,15 @@ impl Store {
         Ok(())
     }
 
+    /// Claims a pending command for sending (by `via`), counting the attempt. False if another
+    /// dispatcher claimed it first or it is no longer pending: exactly one sender wins.
     pub async fn mark_sent(&self, id: i64, via: &str) -> Result<bool, StoreError> {
         let client = self.pool.get().await?;
         let n = client
             .execute(
                 "UPDATE commands SET status = 'sent', via = $2, sent_at = now(),
                    attempt = CASE WHEN sent_at IS NULL THEN attempt ELSE attempt + 1 END
-                 WHERE id = $1 AND status IN ('pending', 'sent')",
+                 WHERE id = $1 AND status = 'pending'",
                 &[&id, &via],
             )
             .await?;
