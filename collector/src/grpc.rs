@@ -50,6 +50,8 @@ pub struct Hub {
     pub notifier: crate::notify::Notifier,
     /// SSH sessions to nodes (agentless checks, control over SSH).
     pub ssh: crate::ssh::SshPool,
+    /// This hub, for work that must outlive the caller (commands run over SSH on their own task).
+    me: std::sync::Weak<Hub>,
 }
 
 fn fnv1a(h: &mut u64, bytes: &[u8]) {
@@ -93,7 +95,8 @@ pub fn config_update(cfg: &Config, node: &str) -> v1::ConfigUpdate {
 impl Hub {
     pub fn new(store: Store, config: Config) -> Arc<Hub> {
         let notifier = crate::notify::Notifier::start(&config.notify);
-        Arc::new(Hub {
+        Arc::new_cyclic(|me| Hub {
+            me: me.clone(),
             notifier,
             ssh: crate::ssh::SshPool::new(),
             store,
@@ -126,6 +129,11 @@ impl Hub {
             let _ = tx.send(Ok(msg(Out::Config(update)))).await;
         }
         Ok(())
+    }
+
+    /// A counted handle to this hub (None only while it is being dropped).
+    pub fn arc(&self) -> Option<Arc<Hub>> {
+        self.me.upgrade()
     }
 
     /// The outbound stream of `node`'s agent, if it is connected.

@@ -276,7 +276,12 @@ async fn try_dispatch(hub: &Hub, cmd: &CommandRow) -> Result<(), crate::store::S
         if !hub.store.mark_sent(cmd.id, "ssh").await? {
             return Ok(());
         }
-        run_over_ssh(hub, cmd, svc.clone(), node, plan_json).await;
+        // On its own task: a slow SSH step must not hold up the caller (an agent's stream,
+        // the periodic pass).
+        if let Some(hub) = hub.arc() {
+            let (cmd, svc) = (cmd.clone(), svc.clone());
+            tokio::spawn(async move { run_over_ssh(&hub, &cmd, svc, node, plan_json).await });
+        }
         return Ok(());
     }
     let Some(tx) = agent else {
