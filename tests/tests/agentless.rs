@@ -168,3 +168,81 @@ async fn with_the_agent_stopped_an_auto_restart_goes_over_ssh() -> anyhow::Resul
     collector.shutdown().await;
     Ok(())
 }
+
+/// A command whose agent disconnects mid-run is resolved, never left pending: re-run over SSH
+/// under `via: auto` when the node has SSH, otherwise timed out at its deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_whose_agent_disconnects_mid_run_is_resolved() -> anyhow::Result<()> {
+    init();
+    let sshd = sshd::start().await?;
+    let db = pg::test_db().await?;
+    let ws = Workspace::new()?;
+    ws.issue("n1")?;
+    ws.issue("n2")?;
+    let flag = ws.path().join("slow.done");
+    let started = ws.path().join("slow.started");
+    let (f, s) = (flag.display(), started.display());
+    // Takes a while: long enough to pull the agent away while it runs.
+    let slow = |id: &str, node: &str| {
+        format!(
+            "id: {id}\ncategory: api\nnode: {node}\ncheck:\n  type: command\n  interval: 1h\n  argv: [\"/bin/true\"]\n\
+             control:\n  via: auto\n  restart: [[\"/bin/sh\", \"-c\", \"touch {s}; sleep 2; touch {f}\"]]\n  timeout: 30s\n"
+        )
+    };
+    ws.write_service("with-ssh", &slow("with-ssh", "n1"))?;
+    ws.write_service("no-ssh", &slow("no-ssh", "n2"))?;
+    let yaml = format!(
+        "grpc_listen: 127.0.0.1:0\ndatabase: {{ url: \"{}\" }}\n\
+         tls: {{ ca: certs/ca.pem, cert: certs/collector.pem, key: certs/collector.key }}\n\
+         defaults:\n  command_deadline: 8s\nnodes:\n{}  - {{ name: n2, address: 127.0.0.1 }}\n",
+        db.url,
+        node_yaml("n1", true, &sshd, &sshd.host_fingerprint),
+    );
+    std::fs::write(ws.path().join("collector.yaml"), yaml)?;
+    let collector = Collector::start(Config::load(&ws.path().join("collector.yaml"))?).await?;
+    let store = vigil_collector::Store::connect(&db.url, 1).await?;
+
+    for (service, node) in [("with-ssh", "n1"), ("no-ssh", "n2")] {
+        let _ = std::fs::remove_file(&started);
+        let _ = std::fs::remove_file(&flag);
+        let agent = start_agent(&ws.write_agent(node, node, node, collector.grpc_addr)?).await?;
+        connected(&agent).await?;
+        let id = store
+            .create_command(&vigil_collector::store::NewCommand {
+                service_id: service,
+                node,
+                action: "restart",
+                origin: "manual",
+                requested_by: "test",
+                reason: "test",
+                deadline: chrono::Utc::now() + chrono::Duration::seconds(8),
+            })
+            .await?
+            .expect("created");
+        wait_for("the agent started the step", LIMIT, || {
+            let started = started.clone();
+            async move { Ok(started.exists().then_some(())) }
+        })
+        .await?;
+        agent.shutdown().await; // kills the running step
+        let row = wait_for("the command resolved", LIMIT, || {
+            let store = &store;
+            async move { Ok(store.command(id).await?.filter(|c| c.finished_at.is_some())) }
+        })
+        .await?;
+        if service == "with-ssh" {
+            assert_eq!(
+                (row.status.as_str(), row.via.as_deref()),
+                ("succeeded", Some("ssh")),
+                "{}",
+                row.output
+            );
+            assert_eq!(row.attempt, 2);
+            assert!(flag.exists());
+        } else {
+            assert_eq!(row.status, "timed_out", "{}", row.output);
+        }
+    }
+    collector.shutdown().await;
+    Ok(())
+}
