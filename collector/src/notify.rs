@@ -226,3 +226,130 @@ async fn deliver(client: &reqwest::Client, cfg: &NotifyConfig, alert: &Alert) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+
+    /// A webhook receiver on 127.0.0.1:0 that answers 500 to the first `fail_first` posts.
+    async fn receiver(fail_first: usize) -> (String, Arc<Mutex<Vec<serde_json::Value>>>) {
+        use axum::{Json, Router, http::StatusCode, routing::post};
+        let got = Arc::new(Mutex::new(Vec::new()));
+        let tries = Arc::new(Mutex::new(0usize));
+        let sink = got.clone();
+        let app = Router::new().route(
+            "/",
+            post(move |Json(v): Json<serde_json::Value>| {
+                let (sink, tries) = (sink.clone(), tries.clone());
+                async move {
+                    let mut t = tries.lock().unwrap();
+                    *t += 1;
+                    if *t <= fail_first {
+                        return StatusCode::INTERNAL_SERVER_ERROR;
+                    }
+                    sink.lock().unwrap().push(v);
+                    StatusCode::OK
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        (url, got)
+    }
+
+    fn service() -> Service {
+        Service {
+            id: "api".into(),
+            name: "The API".into(),
+            category: crate::config::Category::Api,
+            node: "n1".into(),
+            description: String::new(),
+            check: serde_json::from_value(
+                serde_json::json!({"type": "tcp", "address": "127.0.0.1:1"}),
+            )
+            .unwrap(),
+            control: None,
+            action: crate::config::FailureAction::Notify,
+            thresholds: crate::config::Thresholds {
+                after: 1,
+                recover_after: 1,
+                flap_high: 50,
+                flap_low: 25,
+            },
+            max_restarts: 1,
+            within: Duration::from_secs(60),
+            retry_after: Duration::from_secs(60),
+            grace: Duration::ZERO,
+            depends_on: vec![],
+            command_deadline: Duration::from_secs(60),
+            source: "api.yaml".into(),
+        }
+    }
+
+    async fn wait_len(got: &Arc<Mutex<Vec<serde_json::Value>>>, n: usize) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while got.lock().unwrap().len() < n {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "only {:?}",
+                got.lock().unwrap()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn one_alert_per_incident_retried_until_delivered_in_both_formats() {
+        let (json_url, json) = receiver(1).await; // the first post fails: retried
+        let (slack_url, slack) = receiver(0).await;
+        let n = Notifier::start(&NotifyConfig {
+            webhooks: vec![
+                Webhook {
+                    url: json_url,
+                    format: WebhookFormat::Json,
+                    headers: HashMap::new(),
+                },
+                Webhook {
+                    url: slack_url,
+                    format: WebhookFormat::Slack,
+                    headers: HashMap::new(),
+                },
+            ],
+            reminder: None,
+        });
+        let s = service();
+        n.down(&s, "3 consecutive failures");
+        n.down(&s, "again"); // same incident: no second alert
+        n.gave_up(&s, "budget spent");
+        n.gave_up(&s, "budget spent"); // once per incident
+        n.recovered(&s, "2 consecutive successes");
+        n.recovered(&s, "again"); // no open incident: nothing
+        n.down(&s, "a new incident");
+        wait_len(&json, 4).await;
+        wait_len(&slack, 4).await;
+        let events: Vec<String> = json
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|v| v["event"].as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(events, ["down", "gave_up", "recovered", "down"]);
+        let first = json.lock().unwrap()[0].clone();
+        assert_eq!(first["service"], "api");
+        assert_eq!(first["node"], "n1");
+        assert_eq!(first["reason"], "3 consecutive failures");
+        let text = slack.lock().unwrap()[0]["text"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        assert!(
+            text.contains("The API")
+                && text.contains("down")
+                && text.contains("3 consecutive failures"),
+            "{text}"
+        );
+    }
+}
