@@ -12,6 +12,7 @@ pub mod client;
 pub mod commands;
 pub mod config;
 pub mod docker_events;
+pub mod doctor;
 pub mod outbox;
 pub mod scheduler;
 

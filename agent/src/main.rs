@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use vigil_agent::{Agent, AgentConfig};
 
 /// Vigil agent: runs this node's checks (assigned by the collector, cached on disk), keeps every
@@ -19,13 +19,28 @@ struct Args {
         long,
         short,
         env = "VIGIL_AGENT_CONFIG",
-        default_value = "/etc/vigil/agent.yaml"
+        default_value = "/etc/vigil/agent.yaml",
+        global = true
     )]
     config: PathBuf,
+    /// Without a command: run the agent.
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Pre-flight check: config, certificates, the collector (TCP and mutual TLS), Docker, the
+    /// NVIDIA driver, the state dir. One line per finding (OK, WARN, ERROR with how to fix it);
+    /// exit status 1 on any ERROR.
+    Doctor,
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if let Some(Command::Doctor) = args.command {
+        return doctor(&args.config);
+    }
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
@@ -54,6 +69,25 @@ fn main() -> ExitCode {
             tracing::error!("{text}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Runs `doctor` and prints its findings on stdout (no logging: the findings say it all).
+fn doctor(config: &std::path::Path) -> ExitCode {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let report = runtime.block_on(vigil_agent::doctor::run(config));
+    print!("{report}");
+    if report.has_errors() {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
     }
 }
 

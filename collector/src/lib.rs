@@ -5,6 +5,7 @@
 pub mod agentless;
 pub mod ca;
 pub mod config;
+pub mod doctor;
 pub mod grpc;
 pub mod notify;
 pub mod remediation;

@@ -49,6 +49,16 @@ enum Command {
         #[command(subcommand)]
         action: CtlAction,
     },
+    /// Pre-flight check: config (every file), certificates, database, SSH to agentless nodes.
+    /// One line per finding (OK, WARN, ERROR with how to fix it); exit status 1 on any ERROR.
+    Doctor {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// A name agents use to reach the collector (repeatable); the server certificate must
+        /// cover it (the grpc_listen address is checked too unless it is 0.0.0.0).
+        #[arg(long = "host")]
+        hosts: Vec<String>,
+    },
     /// Certificate authority for the agent stream.
     Ca {
         #[command(subcommand)]
@@ -136,6 +146,14 @@ async fn main() -> anyhow::Result<()> {
                 cfg.nodes.len(),
                 cfg.services.len()
             );
+            Ok(())
+        }
+        Command::Doctor { config, hosts } => {
+            let report = vigil_collector::doctor::run(&config, &hosts).await;
+            print!("{report}");
+            if report.has_errors() {
+                std::process::exit(1);
+            }
             Ok(())
         }
         Command::Ca { command } => match command {
