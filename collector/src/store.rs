@@ -275,7 +275,8 @@ impl Store {
             durations.push(r.duration_ms.min(i32::MAX as u32) as i32);
             statuses.push(status_code(r.status));
             messages.push(r.message.as_str());
-            metrics.push(serde_json::to_value(&r.metrics).unwrap_or(serde_json::Value::Null));
+            // Serialized straight into the parameter (no serde_json::Value in between).
+            metrics.push(tokio_postgres::types::Json(&r.metrics));
             outputs.push(r.output.as_str());
             versions.push(r.config_version as i64);
         }
@@ -283,20 +284,47 @@ impl Store {
 
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
-        let rows = tx
-            .query(
+        // Prepared once per pooled connection (a parse and plan per statement otherwise).
+        let insert = tx
+            .prepare_cached(
                 "INSERT INTO check_results (node, outbox_epoch, seq, service_id, started_at, duration_ms,
                                             status, message, metrics, output, config_version)
                  SELECT $1, $2, * FROM UNNEST($3::int8[], $4::text[], $5::timestamptz[], $6::int4[],
                                               $7::int2[], $8::text[], $9::jsonb[], $10::text[], $11::int8[])
                  ON CONFLICT (node, outbox_epoch, seq) DO NOTHING
                  RETURNING seq",
-                &[
-                    &node, &epoch, &seqs, &services, &started, &durations, &statuses, &messages,
-                    &metrics, &outputs, &versions,
-                ],
             )
             .await?;
+        let lock = tx
+            .prepare_cached(
+                "SELECT service_id, state, consecutive_failures, consecutive_successes,
+                        history, history_len, flapping, grace_until, mode
+                 FROM service_state WHERE service_id = ANY($1) ORDER BY service_id FOR UPDATE",
+            )
+            .await?;
+        // The services this batch may advance, locked in id order while the results are
+        // inserted (one round trip for both). A service whose results all turn out to be
+        // re-sent is locked but left as it is.
+        let mut ids: Vec<&str> = results
+            .iter()
+            .filter(|r| thresholds.contains_key(&r.service_id))
+            .map(|r| r.service_id.as_str())
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let insert_params: [&(dyn tokio_postgres::types::ToSql + Sync); 11] = [
+            &node, &epoch, &seqs, &services, &started, &durations, &statuses, &messages, &metrics,
+            &outputs, &versions,
+        ];
+        let (rows, mut locked) = if ids.is_empty() {
+            (tx.query(&insert, &insert_params).await?, Vec::new())
+        } else {
+            let lock_params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&ids];
+            tokio::try_join!(
+                tx.query(&insert, &insert_params),
+                tx.query(&lock, &lock_params)
+            )?
+        };
         let fresh: HashSet<i64> = rows.iter().map(|r| r.get(0)).collect();
         report.inserted = fresh.len();
         report.duplicates = n - fresh.len();
@@ -308,24 +336,17 @@ impl Store {
             .collect();
         new.sort_by_key(|r| r.seq);
         if !new.is_empty() {
-            let mut ids: Vec<&str> = new.iter().map(|r| r.service_id.as_str()).collect();
-            ids.sort_unstable();
-            ids.dedup();
-            for id in &ids {
-                tx.execute(
-                    "INSERT INTO service_state (service_id) VALUES ($1) ON CONFLICT DO NOTHING",
-                    &[id],
-                )
-                .await?;
+            if locked.len() < ids.len() {
+                // Normally sync_config created every row; a service added since gets one now.
+                let ensure = tx
+                    .prepare_cached(
+                        "INSERT INTO service_state (service_id) SELECT * FROM UNNEST($1::text[])
+                         ON CONFLICT DO NOTHING",
+                    )
+                    .await?;
+                tx.execute(&ensure, &[&ids]).await?;
+                locked = tx.query(&lock, &[&ids]).await?;
             }
-            let rows = tx
-                .query(
-                    "SELECT service_id, state, consecutive_failures, consecutive_successes,
-                            history, history_len, flapping, grace_until, mode
-                     FROM service_state WHERE service_id = ANY($1) ORDER BY service_id FOR UPDATE",
-                    &[&ids],
-                )
-                .await?;
             struct Slot {
                 tracker: Tracker,
                 changed: bool,
@@ -334,7 +355,7 @@ impl Store {
                 mode: String,
             }
             let mut slots: HashMap<String, Slot> = HashMap::new();
-            for row in rows {
+            for row in locked {
                 let state: String = row.get(1);
                 slots.insert(
                     row.get(0),
@@ -381,50 +402,86 @@ impl Store {
                     report.flaps.push((r.service_id.clone(), f));
                 }
             }
-            for (id, r) in &last {
+            // Every touched service in one UPDATE ... FROM UNNEST.
+            let mut u_id = Vec::with_capacity(last.len());
+            let mut u_state = Vec::with_capacity(last.len());
+            let mut u_changed = Vec::with_capacity(last.len());
+            let mut u_cf = Vec::with_capacity(last.len());
+            let mut u_cs = Vec::with_capacity(last.len());
+            let mut u_status = Vec::with_capacity(last.len());
+            let mut u_at = Vec::with_capacity(last.len());
+            let mut u_ms = Vec::with_capacity(last.len());
+            let mut u_msg = Vec::with_capacity(last.len());
+            let mut u_err: Vec<Option<&str>> = Vec::with_capacity(last.len());
+            let mut u_err_at: Vec<Option<DateTime<Utc>>> = Vec::with_capacity(last.len());
+            let mut u_hist = Vec::with_capacity(last.len());
+            let mut u_hlen = Vec::with_capacity(last.len());
+            let mut u_flap = Vec::with_capacity(last.len());
+            let mut u_healthy = Vec::with_capacity(last.len());
+            let mut touched: Vec<(&str, &ResultIn)> = last.into_iter().collect();
+            touched.sort_unstable_by_key(|(id, _)| *id);
+            for (id, r) in &touched {
                 let slot = &slots[*id];
                 let t = slot.tracker;
                 let fail = last_failure.get(id);
-                tx.execute(
-                    "UPDATE service_state SET state = $2,
-                       state_since = CASE WHEN $3 THEN now() ELSE state_since END,
-                       consecutive_failures = $4, consecutive_successes = $5, last_status = $6,
-                       last_check_at = $7, last_response_ms = $8, last_message = $9,
-                       last_error = COALESCE($10, last_error), last_error_at = COALESCE($11, last_error_at),
-                       history = $12, history_len = $13, flapping = $14,
-                       healthy_since = CASE WHEN $15 THEN now() WHEN $2 = 'healthy' THEN healthy_since ELSE NULL END
-                     WHERE service_id = $1",
-                    &[
-                        id,
-                        &t.state.as_str(),
-                        &slot.changed,
-                        &(t.consecutive_failures.min(i32::MAX as u32) as i32),
-                        &(t.consecutive_successes.min(i32::MAX as u32) as i32),
-                        &status_code(r.status),
-                        &r.started_at,
-                        &(r.duration_ms.min(i32::MAX as u32) as i32),
-                        &r.message,
-                        &fail.map(|f| f.message.as_str()),
-                        &fail.map(|f| f.started_at),
-                        &(t.history as i64),
-                        &(t.history_len as i32),
-                        &t.flapping,
-                        &slot.became_healthy,
-                    ],
-                )
-                .await?;
+                u_id.push(*id);
+                u_state.push(t.state.as_str());
+                u_changed.push(slot.changed);
+                u_cf.push(t.consecutive_failures.min(i32::MAX as u32) as i32);
+                u_cs.push(t.consecutive_successes.min(i32::MAX as u32) as i32);
+                u_status.push(status_code(r.status));
+                u_at.push(r.started_at);
+                u_ms.push(r.duration_ms.min(i32::MAX as u32) as i32);
+                u_msg.push(r.message.as_str());
+                u_err.push(fail.map(|f| f.message.as_str()));
+                u_err_at.push(fail.map(|f| f.started_at));
+                u_hist.push(t.history as i64);
+                u_hlen.push(t.history_len as i32);
+                u_flap.push(t.flapping);
+                u_healthy.push(slot.became_healthy);
                 report.states.push(ServiceAfter {
                     service_id: id.to_string(),
                     state: t.state,
                     mode: slot.mode.clone(),
                 });
             }
-            for (id, t) in &report.transitions {
-                tx.execute(
-                    "INSERT INTO events (service_id, kind, from_state, to_state, reason) VALUES ($1, 'state', $2, $3, $4)",
-                    &[id, &t.from.as_str(), &t.to.as_str(), &t.reason],
+            let update = tx
+                .prepare_cached(
+                    "UPDATE service_state s SET state = u.state,
+                       state_since = CASE WHEN u.changed THEN now() ELSE s.state_since END,
+                       consecutive_failures = u.cf, consecutive_successes = u.cs,
+                       last_status = u.last_status, last_check_at = u.last_check_at,
+                       last_response_ms = u.last_response_ms, last_message = u.last_message,
+                       last_error = COALESCE(u.last_error, s.last_error),
+                       last_error_at = COALESCE(u.last_error_at, s.last_error_at),
+                       history = u.history, history_len = u.history_len, flapping = u.flapping,
+                       healthy_since = CASE WHEN u.became_healthy THEN now()
+                                            WHEN u.state = 'healthy' THEN s.healthy_since ELSE NULL END
+                     FROM UNNEST($1::text[], $2::text[], $3::bool[], $4::int4[], $5::int4[], $6::int2[],
+                                 $7::timestamptz[], $8::int4[], $9::text[], $10::text[],
+                                 $11::timestamptz[], $12::int8[], $13::int4[], $14::bool[], $15::bool[])
+                       AS u(service_id, state, changed, cf, cs, last_status, last_check_at,
+                            last_response_ms, last_message, last_error, last_error_at, history,
+                            history_len, flapping, became_healthy)
+                     WHERE s.service_id = u.service_id",
                 )
                 .await?;
+            let update_params: [&(dyn tokio_postgres::types::ToSql + Sync); 15] = [
+                &u_id, &u_state, &u_changed, &u_cf, &u_cs, &u_status, &u_at, &u_ms, &u_msg, &u_err,
+                &u_err_at, &u_hist, &u_hlen, &u_flap, &u_healthy,
+            ];
+            // State transitions, then flapping changes, as events (one INSERT, in order).
+            let mut e_id: Vec<&str> = Vec::new();
+            let mut e_kind: Vec<&str> = Vec::new();
+            let mut e_from: Vec<&str> = Vec::new();
+            let mut e_to: Vec<&str> = Vec::new();
+            let mut e_reason: Vec<String> = Vec::new();
+            for (id, t) in &report.transitions {
+                e_id.push(id);
+                e_kind.push("state");
+                e_from.push(t.from.as_str());
+                e_to.push(t.to.as_str());
+                e_reason.push(t.reason.clone());
             }
             for (id, f) in &report.flaps {
                 let (to, reason) = if f.flapping {
@@ -441,11 +498,30 @@ impl Store {
                         format!("stopped flapping: {:.0}% state change", f.percent),
                     )
                 };
-                tx.execute(
-                    "INSERT INTO events (service_id, kind, from_state, to_state, reason) VALUES ($1, 'flapping', '', $2, $3)",
-                    &[id, &to, &reason],
-                )
-                .await?;
+                e_id.push(id);
+                e_kind.push("flapping");
+                e_from.push("");
+                e_to.push(to);
+                e_reason.push(reason);
+            }
+            if e_id.is_empty() {
+                tx.execute(&update, &update_params).await?;
+            } else {
+                let events = tx
+                    .prepare_cached(
+                        "INSERT INTO events (service_id, kind, from_state, to_state, reason)
+                         SELECT e.service_id, e.kind, e.from_state, e.to_state, e.reason
+                         FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[])
+                           WITH ORDINALITY AS e(service_id, kind, from_state, to_state, reason, n)
+                         ORDER BY n",
+                    )
+                    .await?;
+                let event_params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] =
+                    [&e_id, &e_kind, &e_from, &e_to, &e_reason];
+                tokio::try_join!(
+                    tx.execute(&update, &update_params),
+                    tx.execute(&events, &event_params),
+                )?;
             }
         }
         tx.commit().await?;
