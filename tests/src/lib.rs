@@ -190,3 +190,14 @@ pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
     }
     Ok(path)
 }
+
+/// The state of a service in `service_state` (`unknown`, `healthy`, `failing`, `down`).
+pub async fn state(db: &tokio_postgres::Client, service: &str) -> anyhow::Result<String> {
+    Ok(db
+        .query_one(
+            "SELECT state FROM service_state WHERE service_id = $1",
+            &[&service],
+        )
+        .await?
+        .get(0))
+}

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use vigil_collector::{Collector, Config};
-use vigil_tests::{Workspace, connected, count, init, pg, sshd, start_agent, wait_for};
+use vigil_tests::{Workspace, connected, count, init, pg, sshd, start_agent, state, wait_for};
 
 const LIMIT: Duration = Duration::from_secs(60);
 
@@ -26,16 +26,6 @@ fn flag_service(id: &str, node: &str, flag: &std::path::Path, via: &str) -> Stri
          control:\n  via: {via}\n  restart: [[\"/bin/touch\", \"{f}\"]]\n  timeout: 10s\n\
          on_failure:\n  action: restart\n  after: 2\n  recover_after: 1\n  grace: 0s\n"
     )
-}
-
-async fn state(db: &tokio_postgres::Client, service: &str) -> anyhow::Result<String> {
-    Ok(db
-        .query_one(
-            "SELECT state FROM service_state WHERE service_id = $1",
-            &[&service],
-        )
-        .await?
-        .get(0))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,8 +7,8 @@ use anyhow::Context;
 use vigil_agent::ConnState;
 use vigil_collector::{Collector, Config};
 use vigil_tests::{
-    Workspace, connected, count, init, pg, repo_config_dir, start_agent, testsvc, true_service,
-    wait_for,
+    Workspace, connected, count, init, pg, repo_config_dir, start_agent, state, testsvc,
+    true_service, wait_for,
 };
 
 const LIMIT: Duration = Duration::from_secs(30);
@@ -35,16 +35,6 @@ async fn stored(
         )
         .await?;
     Ok((r.get(0), r.get(1), r.get(2), r.get(3)))
-}
-
-async fn state_of(db: &tokio_postgres::Client, service: &str) -> anyhow::Result<String> {
-    Ok(db
-        .query_one(
-            "SELECT state FROM service_state WHERE service_id = $1",
-            &[&service],
-        )
-        .await?
-        .get(0))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -125,7 +115,7 @@ async fn http_multipart_and_command_results_arrive_in_postgres() -> anyhow::Resu
     assert_eq!(metrics[0]["value"], 91.0);
     assert_eq!(metrics[0]["unit"], "%");
     // WARNING counts as up: the service is healthy.
-    assert_eq!(state_of(&client, "cmd").await?, "healthy");
+    assert_eq!(state(&client, "cmd").await?, "healthy");
     // The node is recorded as connected with what the agent reported.
     let row = client
         .query_one(
@@ -167,7 +157,7 @@ async fn stopped_service_goes_down_after_threshold_and_recovers_after_recovery_t
     let client = db.connect().await?;
     let state_is = |want: &'static str| {
         let client = &client;
-        move || async move { Ok((state_of(client, "api").await? == want).then_some(())) }
+        move || async move { Ok((state(client, "api").await? == want).then_some(())) }
     };
     wait_for("api healthy", LIMIT, state_is("healthy")).await?;
 

@@ -6,7 +6,7 @@
 use std::time::{Duration, Instant};
 
 use vigil_collector::{Collector, Config};
-use vigil_tests::{Workspace, connected, count, docker, init, pg, start_agent, wait_for};
+use vigil_tests::{Workspace, connected, count, docker, init, pg, start_agent, state, wait_for};
 
 const LIMIT: Duration = Duration::from_secs(60);
 
@@ -48,16 +48,6 @@ async fn setup(services: &[(&str, String)]) -> anyhow::Result<(pg::TestDb, Works
     let path = ws.write_collector(&db.url, &["n1"])?;
     let collector = Collector::start(Config::load(&path)?).await?;
     Ok((db, ws, collector))
-}
-
-async fn state(db: &tokio_postgres::Client, service: &str) -> anyhow::Result<String> {
-    Ok(db
-        .query_one(
-            "SELECT state FROM service_state WHERE service_id = $1",
-            &[&service],
-        )
-        .await?
-        .get(0))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
