@@ -349,6 +349,8 @@ pub struct Config {
     /// Bytes of files that checks upload, keyed by the path written in the spec.
     pub attachments: HashMap<String, Vec<u8>>,
     pub notify: crate::notify::NotifyConfig,
+    /// Each node's services and their thresholds, built once at load (ingest reads it per batch).
+    thresholds_by_node: HashMap<String, std::sync::Arc<HashMap<String, Thresholds>>>,
 }
 
 /// Largest attachment total shipped to one agent (bytes); the gRPC message limit is above it.
@@ -518,7 +520,20 @@ impl Config {
             }
         }
 
+        let mut by_node: HashMap<String, HashMap<String, Thresholds>> = HashMap::new();
+        for s in &services {
+            by_node
+                .entry(s.node.clone())
+                .or_default()
+                .insert(s.id.clone(), s.thresholds);
+        }
+        let thresholds_by_node = by_node
+            .into_iter()
+            .map(|(n, m)| (n, std::sync::Arc::new(m)))
+            .collect();
+
         Ok(Config {
+            thresholds_by_node,
             path: path.to_path_buf(),
             grpc_listen: file.grpc_listen,
             database_url,
@@ -628,6 +643,14 @@ impl Config {
     /// The services a node's agent runs.
     pub fn services_of<'a>(&'a self, node: &'a str) -> impl Iterator<Item = &'a Service> + 'a {
         self.services.iter().filter(move |s| s.node == node)
+    }
+
+    /// The services of `node` with their thresholds (empty if it has none).
+    pub fn thresholds_of(&self, node: &str) -> std::sync::Arc<HashMap<String, Thresholds>> {
+        self.thresholds_by_node
+            .get(node)
+            .cloned()
+            .unwrap_or_default()
     }
 
     pub fn node(&self, name: &str) -> Option<&NodeConfig> {

@@ -19,7 +19,7 @@ use vigil_proto::v1::{
     self, AgentMessage, CollectorMessage, agent_message::Msg as In, collector_message::Msg as Out,
 };
 
-use crate::config::{Config, Thresholds};
+use crate::config::Config;
 use crate::store::{ResultIn, Store};
 use crate::tls::node_of_certificate;
 
@@ -428,33 +428,7 @@ async fn ingest(hub: &Hub, node: &str, batch: v1::ResultBatch, tx: &Tx) -> Resul
         return Ok(());
     };
     let cfg = hub.config().await;
-    // This node's services and their thresholds. Finding them scans every service of the
-    // config, so the per-node maps are built once per config in force (one pass over it) and
-    // shared by every batch; a new config (another Arc) rebuilds them.
-    type ByNode = HashMap<String, Arc<HashMap<String, Thresholds>>>;
-    static INDEX: std::sync::Mutex<Option<(std::sync::Weak<Config>, Arc<ByNode>)>> =
-        std::sync::Mutex::new(None);
-    let index = {
-        let mut slot = INDEX.lock().expect("thresholds index lock");
-        match &*slot {
-            Some((config, index)) if std::ptr::eq(config.as_ptr(), Arc::as_ptr(&cfg)) => {
-                index.clone()
-            }
-            _ => {
-                let mut by: HashMap<String, HashMap<String, Thresholds>> = HashMap::new();
-                for s in &cfg.services {
-                    by.entry(s.node.clone())
-                        .or_default()
-                        .insert(s.id.clone(), s.thresholds);
-                }
-                let index: Arc<ByNode> =
-                    Arc::new(by.into_iter().map(|(n, m)| (n, Arc::new(m))).collect());
-                *slot = Some((Arc::downgrade(&cfg), index.clone()));
-                index
-            }
-        }
-    };
-    let thresholds = index.get(node).cloned().unwrap_or_default();
+    let thresholds = cfg.thresholds_of(node);
     let total = batch.results.len();
     let results: Vec<ResultIn> = batch
         .results
