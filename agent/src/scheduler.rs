@@ -31,6 +31,8 @@ struct Shared {
     semaphore: Arc<Semaphore>,
     /// Config version stamped on results.
     version: AtomicU64,
+    /// Scheduled runs are suspended (the config says `paused`); run-now still works.
+    paused: watch::Sender<bool>,
 }
 
 /// One running check task.
@@ -94,6 +96,7 @@ impl Scheduler {
                 notify,
                 semaphore: Arc::new(Semaphore::new(max_concurrent_checks.max(1))),
                 version: AtomicU64::new(0),
+                paused: watch::Sender::new(false),
             }),
             tasks: HashMap::new(),
             version: 0,
@@ -209,6 +212,17 @@ impl Scheduler {
 
         self.version = update.version;
         self.shared.version.store(update.version, Ordering::SeqCst);
+        if self.shared.paused.send_replace(update.paused) != update.paused {
+            tracing::warn!(
+                paused = update.paused,
+                "scheduled checks {} by the collector",
+                if update.paused {
+                    "suspended"
+                } else {
+                    "resumed"
+                }
+            );
+        }
 
         let mut started = 0usize;
         for (id, spec_json) in wanted {
@@ -369,10 +383,17 @@ async fn run_check(
 ) {
     let interval = plan.interval();
     let mut next = Instant::now() + first_delay(interval);
+    let mut paused = shared.paused.subscribe();
     loop {
+        let suspended = *paused.borrow_and_update();
         // `Some(why)`: an out-of-schedule run asked for by `Scheduler::run_now`.
         let kicked = tokio::select! {
-            _ = tokio::time::sleep_until(next) => None,
+            _ = tokio::time::sleep_until(next), if !suspended => None,
+            Ok(()) = paused.changed() => {
+                // Resumed (or suspended): the schedule starts again from now.
+                next = Instant::now() + first_delay(interval);
+                continue;
+            }
             Some(why) = kick.recv() => Some(why),
             _ = &mut stop => return,
         };

@@ -215,7 +215,7 @@ impl Workspace {
         services: &[ServiceDef],
     ) -> anyhow::Result<PathBuf> {
         let mut text = format!(
-            "grpc_listen: {listen}\n\
+            "grpc_listen: {listen}\nhttp: {{ listen: null }}\nmetrics: {{ listen: null }}\n\
              database: {{ url: \"{database_url}\", pool_size: {pool_size} }}\n\
              tls: {{ ca: certs/ca.pem, cert: certs/collector.pem, key: certs/collector.key }}\n\
              services_dir: services\n\

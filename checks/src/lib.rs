@@ -108,8 +108,11 @@ pub type Attachments = Arc<HashMap<String, Vec<u8>>>;
 /// Largest output excerpt kept in an [`Outcome`] (bytes).
 pub const MAX_OUTPUT_BYTES: usize = 4096;
 
+/// How often a check runs when its spec does not say.
+pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(30);
+
 fn default_interval() -> Duration {
-    Duration::from_secs(30)
+    DEFAULT_INTERVAL
 }
 
 fn default_timeout() -> Duration {

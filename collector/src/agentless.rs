@@ -97,7 +97,9 @@ pub fn start(hub: Arc<Hub>) {
             }
             let cfg = hub.config().await;
             let mut wanted: HashMap<String, (String, Service, NodeConfig)> = HashMap::new();
-            for svc in &cfg.services {
+            // Scheduled checks suspended by the runtime settings: none runs (check-now still does).
+            let enabled = cfg.checks_enabled();
+            for svc in cfg.services.iter().filter(|_| enabled) {
                 if let Some(node) = cfg.node(&svc.node).filter(|n| !n.agent) {
                     let key = format!(
                         "{}|{}",

@@ -115,6 +115,68 @@ pub struct CollectorFile {
     /// Webhooks for down / gave-up / recovered / flapping alerts.
     #[serde(default)]
     pub notify: crate::notify::NotifyConfig,
+    /// The dashboard and the REST API.
+    #[serde(default)]
+    pub http: HttpConfig,
+    /// Prometheus `/metrics`, on an address of its own.
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+}
+
+fn default_http_listen() -> Option<SocketAddr> {
+    Some("127.0.0.1:8080".parse().expect("static address"))
+}
+fn default_session_ttl() -> Duration {
+    Duration::from_secs(12 * 3600)
+}
+fn default_metrics_listen() -> Option<SocketAddr> {
+    Some("127.0.0.1:9464".parse().expect("static address"))
+}
+
+/// `http:` in collector.yaml: the dashboard and the REST API (`/api`).
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Address of the dashboard and the API; `null` turns them off.
+    #[serde(default = "default_http_listen")]
+    pub listen: Option<SocketAddr>,
+    /// How long a dashboard login lasts.
+    #[serde(default = "default_session_ttl", with = "humantime_serde")]
+    pub session_ttl: Duration,
+    /// Mark the session cookie `Secure` (set it when a TLS proxy is in front).
+    #[serde(default)]
+    pub secure_cookie: bool,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            listen: default_http_listen(),
+            session_ttl: default_session_ttl(),
+            secure_cookie: false,
+        }
+    }
+}
+
+/// `metrics:` in collector.yaml: Prometheus exposition.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Address of `/metrics`; `null` turns it off.
+    #[serde(default = "default_metrics_listen")]
+    pub listen: Option<SocketAddr>,
+    /// A file holding a bearer token that scrapers must send; unset: no authentication.
+    #[serde(default)]
+    pub bearer_token_file: Option<PathBuf>,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            listen: default_metrics_listen(),
+            bearer_token_file: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -334,6 +396,33 @@ pub struct Service {
     pub command_deadline: Duration,
     /// The file it came from.
     pub source: PathBuf,
+    /// Which of the values that runtime settings can replace the service file set itself.
+    pub explicit: Explicit,
+}
+
+/// Values a service file set itself (runtime settings replace only the others).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Explicit {
+    pub interval: bool,
+    pub after: bool,
+    pub retry_after: bool,
+}
+
+/// Global health-check settings changed at run time (REST API `PUT /api/health-check/config`),
+/// kept in PostgreSQL. They replace `defaults:` (and the default check interval) for every
+/// service whose file does not set the value itself.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct HealthSettings {
+    /// False: scheduled checks are suspended everywhere (check-now still works).
+    pub enabled: bool,
+    /// Check interval.
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    /// Consecutive failures before a service is down (`after`).
+    pub max_error_count: u32,
+    /// After the restart budget is spent, try again after this long.
+    #[serde(with = "humantime_serde")]
+    pub retry_after: Duration,
 }
 
 /// The whole loaded configuration.
@@ -349,8 +438,32 @@ pub struct Config {
     /// Bytes of files that checks upload, keyed by the path written in the spec.
     pub attachments: HashMap<String, Vec<u8>>,
     pub notify: crate::notify::NotifyConfig,
+    pub http: HttpConfig,
+    pub metrics: MetricsConfig,
+    /// The bearer token `/metrics` requires (read from `metrics.bearer_token_file`).
+    pub metrics_token: Option<String>,
+    /// `defaults:` as written in collector.yaml (before runtime settings).
+    pub defaults: Defaults,
+    /// Runtime settings in force (`None`: none stored yet, the files alone decide).
+    pub settings: Option<HealthSettings>,
     /// Each node's services and their thresholds, built once at load (ingest reads it per batch).
     thresholds_by_node: HashMap<String, std::sync::Arc<HashMap<String, Thresholds>>>,
+}
+
+fn index_thresholds(
+    services: &[Service],
+) -> HashMap<String, std::sync::Arc<HashMap<String, Thresholds>>> {
+    let mut by_node: HashMap<String, HashMap<String, Thresholds>> = HashMap::new();
+    for s in services {
+        by_node
+            .entry(s.node.clone())
+            .or_default()
+            .insert(s.id.clone(), s.thresholds);
+    }
+    by_node
+        .into_iter()
+        .map(|(n, m)| (n, std::sync::Arc::new(m)))
+        .collect()
 }
 
 /// Largest attachment total shipped to one agent (bytes); the gRPC message limit is above it.
@@ -456,7 +569,13 @@ impl Config {
         for f in files {
             let text = read(&f)?;
             let sf: ServiceFile = parse_yaml(&f, &text)?;
-            let svc = Self::load_service(&f, sf, &file.defaults, &seen)?;
+            let mut svc = Self::load_service(&f, sf, &file.defaults, &seen)?;
+            // The parsed spec carries a default interval; whether the file wrote one is only
+            // visible in the document itself.
+            svc.explicit.interval = serde_norway::from_str::<serde_norway::Value>(&text)
+                .ok()
+                .and_then(|v| v.get("check")?.get("interval").cloned())
+                .is_some();
             let node = file
                 .nodes
                 .iter()
@@ -520,20 +639,36 @@ impl Config {
             }
         }
 
-        let mut by_node: HashMap<String, HashMap<String, Thresholds>> = HashMap::new();
-        for s in &services {
-            by_node
-                .entry(s.node.clone())
-                .or_default()
-                .insert(s.id.clone(), s.thresholds);
-        }
-        let thresholds_by_node = by_node
-            .into_iter()
-            .map(|(n, m)| (n, std::sync::Arc::new(m)))
-            .collect();
+        let metrics_token = match &file.metrics.bearer_token_file {
+            Some(p) => {
+                let p = resolve(p);
+                let t = std::fs::read_to_string(&p).map_err(|e| {
+                    invalid(
+                        path,
+                        "metrics.bearer_token_file",
+                        format!("cannot read {}: {e}", p.display()),
+                    )
+                })?;
+                let t = t.trim().to_string();
+                if t.is_empty() {
+                    return Err(invalid(
+                        path,
+                        "metrics.bearer_token_file",
+                        format!("{} is empty", p.display()),
+                    ));
+                }
+                Some(t)
+            }
+            None => None,
+        };
 
         Ok(Config {
-            thresholds_by_node,
+            thresholds_by_node: index_thresholds(&services),
+            http: file.http,
+            metrics: file.metrics,
+            metrics_token,
+            defaults: file.defaults,
+            settings: None,
             path: path.to_path_buf(),
             grpc_listen: file.grpc_listen,
             database_url,
@@ -637,7 +772,43 @@ impl Config {
             depends_on: sf.depends_on,
             command_deadline: d.command_deadline,
             source: f.to_path_buf(),
+            explicit: Explicit {
+                interval: false,
+                after: of.after.is_some(),
+                retry_after: of.retry_after.is_some(),
+            },
         })
+    }
+
+    /// This config with runtime `settings` in force: every service that does not set the check
+    /// interval, `after` or `retry_after` itself takes them from `settings` (or, with `None`, from
+    /// `defaults:` and the built-in interval again).
+    pub fn with_settings(mut self, settings: Option<HealthSettings>) -> Config {
+        for s in &mut self.services {
+            if !s.explicit.interval {
+                s.check.interval = settings
+                    .map(|h| h.interval)
+                    .unwrap_or(vigil_checks::DEFAULT_INTERVAL);
+            }
+            if !s.explicit.after {
+                s.thresholds.after = settings
+                    .map(|h| h.max_error_count)
+                    .unwrap_or(self.defaults.after);
+            }
+            if !s.explicit.retry_after {
+                s.retry_after = settings
+                    .map(|h| h.retry_after)
+                    .unwrap_or(self.defaults.retry_after);
+            }
+        }
+        self.thresholds_by_node = index_thresholds(&self.services);
+        self.settings = settings;
+        self
+    }
+
+    /// Whether scheduled checks run (runtime setting `enabled`; true without settings).
+    pub fn checks_enabled(&self) -> bool {
+        self.settings.is_none_or(|s| s.enabled)
     }
 
     /// The services a node's agent runs.

@@ -50,6 +50,8 @@ pub struct Hub {
     pub notifier: crate::notify::Notifier,
     /// SSH sessions to nodes (agentless checks, control over SSH).
     pub ssh: crate::ssh::SshPool,
+    /// Prometheus metrics.
+    pub metrics: crate::metrics::Metrics,
     /// This hub, for work that must outlive the caller (commands run over SSH on their own task).
     me: std::sync::Weak<Hub>,
 }
@@ -85,10 +87,13 @@ pub fn config_update(cfg: &Config, node: &str) -> v1::ConfigUpdate {
             spec_json,
         });
     }
+    let paused = !cfg.checks_enabled();
+    fnv1a(&mut h, &[paused as u8]);
     v1::ConfigUpdate {
         version: h.max(1),
         checks,
         files,
+        paused,
     }
 }
 
@@ -99,6 +104,7 @@ impl Hub {
             me: me.clone(),
             notifier,
             ssh: crate::ssh::SshPool::new(),
+            metrics: crate::metrics::Metrics::new(),
             store,
             config: RwLock::new(Arc::new(config)),
             sessions: std::sync::Mutex::new(HashMap::new()),

@@ -7,6 +7,7 @@ pub mod ca;
 pub mod config;
 pub mod doctor;
 pub mod grpc;
+pub mod metrics;
 pub mod notify;
 pub mod remediation;
 pub mod ssh;
@@ -14,6 +15,7 @@ pub mod state;
 pub mod status;
 pub mod store;
 pub mod tls;
+pub mod web;
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -46,6 +48,10 @@ pub enum CollectorError {
 pub struct Collector {
     /// Where the agent stream listens (the real port when the config said `:0`).
     pub grpc_addr: SocketAddr,
+    /// Where the dashboard and the REST API listen (None: turned off).
+    pub http_addr: Option<SocketAddr>,
+    /// Where Prometheus `/metrics` listens (None: turned off).
+    pub metrics_addr: Option<SocketAddr>,
     pub hub: Arc<grpc::Hub>,
     server: tokio::task::JoinHandle<()>,
 }
@@ -54,6 +60,9 @@ impl Collector {
     /// Connects to PostgreSQL (migrating it), stores the config, and starts serving agents.
     pub async fn start(config: Config) -> Result<Collector, CollectorError> {
         let store = Store::connect(&config.database_url, config.pool_size).await?;
+        // Runtime settings changed through the API outlive restarts.
+        let settings = web::settings::stored(&store).await?;
+        let config = config.with_settings(settings);
         store.sync_config(&config).await?;
         let tls = tls::server_config(&config.tls.ca, &config.tls.cert, &config.tls.key)?;
         let listener = TcpListener::bind(config.grpc_listen)
@@ -121,7 +130,27 @@ impl Collector {
         });
         agentless::start(hub.clone());
         tracing::info!(addr = %grpc_addr, "collector listening for agents (mTLS)");
+        let cfg = hub.config().await;
+        let http_addr = match cfg.http.listen {
+            Some(addr) => {
+                let a = serve_http(addr, web::router(hub.clone()), &hub).await?;
+                tracing::info!(addr = %a, "dashboard and REST API listening (http://{a}/)");
+                Some(a)
+            }
+            None => None,
+        };
+        let metrics_addr = match cfg.metrics.listen {
+            Some(addr) => {
+                let a = serve_http(addr, metrics::router(hub.clone()), &hub).await?;
+                tracing::info!(addr = %a, "Prometheus metrics listening (http://{a}/metrics)");
+                Some(a)
+            }
+            None => None,
+        };
+        web::start_background(hub.clone());
         Ok(Collector {
+            http_addr,
+            metrics_addr,
             grpc_addr,
             hub,
             server,
@@ -130,7 +159,7 @@ impl Collector {
 
     /// Re-reads the config file; on any error the running config stays in force.
     pub async fn reload(&self, path: &Path) -> Result<(), CollectorError> {
-        let cfg = Config::load(path)?;
+        let cfg = Config::load(path)?.with_settings(self.hub.config().await.settings);
         self.hub.apply(cfg).await?;
         Ok(())
     }
@@ -147,4 +176,28 @@ impl Collector {
             abort.abort();
         }
     }
+}
+
+/// Serves `router` over plain HTTP on `addr` until shutdown; returns the bound address.
+async fn serve_http(
+    addr: SocketAddr,
+    router: axum::Router,
+    hub: &grpc::Hub,
+) -> Result<SocketAddr, CollectorError> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| CollectorError::Listen { addr, source })?;
+    let bound = listener
+        .local_addr()
+        .map_err(|source| CollectorError::Listen { addr, source })?;
+    let token = hub.shutdown.clone();
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, router)
+            .with_graceful_shutdown(token.cancelled_owned())
+            .await
+        {
+            tracing::error!(error = %e, addr = %bound, "HTTP server stopped");
+        }
+    });
+    Ok(bound)
 }

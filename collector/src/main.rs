@@ -59,6 +59,13 @@ enum Command {
         #[arg(long = "host")]
         hosts: Vec<String>,
     },
+    /// API tokens for the REST API and the dashboard login (stored hashed).
+    Token {
+        #[arg(long, short)]
+        config: PathBuf,
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
     /// Certificate authority for the agent stream.
     Ca {
         #[command(subcommand)]
@@ -85,6 +92,24 @@ enum CtlAction {
     },
     /// End a pause.
     Resume { service: String },
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Create a token and print it (once: only its hash is kept).
+    Create {
+        /// viewer reads; operator also starts/stops/restarts/checks; admin also changes the
+        /// health-check config.
+        #[arg(long, value_parser = ["viewer", "operator", "admin"])]
+        role: String,
+        /// A unique name (who the token is for; recorded on what it does).
+        #[arg(long)]
+        name: String,
+    },
+    /// List tokens (never their secrets).
+    List,
+    /// Revoke a token by name; its dashboard sessions end at once.
+    Revoke { name: String },
 }
 
 #[derive(Subcommand)]
@@ -156,6 +181,7 @@ async fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Token { config, command } => token(config, command).await,
         Command::Ca { command } => match command {
             CaCommand::Init { dir, hosts } => {
                 for f in ca::init(&dir, &hosts)? {
@@ -248,19 +274,7 @@ async fn ctl(
         }
         _ => {}
     }
-    let deadline =
-        chrono::Utc::now() + chrono::Duration::from_std(svc.command_deadline).unwrap_or_default();
-    let reason = format!("{verb} requested by {who}");
-    let id = store
-        .create_command(&vigil_collector::store::NewCommand {
-            service_id: &svc.id,
-            node: &svc.node,
-            action: verb,
-            origin: "manual",
-            requested_by: &who,
-            reason: &reason,
-            deadline,
-        })
+    let id = vigil_collector::remediation::request(&store, svc, verb, &who)
         .await?
         .ok_or_else(|| {
             anyhow::anyhow!(
@@ -316,4 +330,56 @@ async fn ctl(
         }
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
+}
+
+async fn token(path: PathBuf, command: TokenCommand) -> anyhow::Result<()> {
+    use vigil_collector::web::auth::{Role, create_token};
+    let cfg = Config::load(&path)?;
+    let store = Store::connect(&cfg.database_url, 1).await?;
+    match command {
+        TokenCommand::Create { role, name } => {
+            if name.trim().is_empty() || name.len() > 64 {
+                anyhow::bail!("--name must be 1 to 64 characters");
+            }
+            let role = Role::parse(&role).context("unknown role")?;
+            let (token, id) = create_token(&store, &name, role).await?;
+            eprintln!(
+                "token {id} {name:?} ({}) created; it is shown once, store it now:",
+                role.as_str()
+            );
+            println!("{token}");
+        }
+        TokenCommand::List => {
+            let rows = store.tokens().await?;
+            println!(
+                "{:<5} {:<24} {:<9} {:<20} {:<20} STATE",
+                "ID", "NAME", "ROLE", "CREATED", "LAST USED"
+            );
+            let fmt = |t: Option<chrono::DateTime<chrono::Utc>>| {
+                t.map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
+                    .unwrap_or_else(|| "-".into())
+            };
+            for t in rows {
+                println!(
+                    "{:<5} {:<24} {:<9} {:<20} {:<20} {}",
+                    t.id,
+                    t.name,
+                    t.role,
+                    fmt(Some(t.created_at)),
+                    fmt(t.last_used),
+                    match t.revoked_at {
+                        Some(at) => format!("revoked {}", fmt(Some(at))),
+                        None => "active".into(),
+                    }
+                );
+            }
+        }
+        TokenCommand::Revoke { name } => {
+            if !store.revoke_token(&name).await? {
+                anyhow::bail!("no active token named {name:?} (see `token list`)");
+            }
+            println!("token {name:?} revoked");
+        }
+    }
+    Ok(())
 }

@@ -286,6 +286,7 @@ mod tests {
             depends_on: vec![],
             command_deadline: Duration::from_secs(60),
             source: "api.yaml".into(),
+            explicit: Default::default(),
         }
     }
 

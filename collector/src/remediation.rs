@@ -158,6 +158,31 @@ pub async fn evaluate(hub: &Hub, ids: &[String]) {
     }
 }
 
+/// Records an operator's start/stop/restart/check of `svc` (origin `manual`, audited with `who`)
+/// and notifies every collector; the one holding the agent's stream sends it. `None` when the
+/// service already has a start/stop/restart in flight.
+pub async fn request(
+    store: &crate::store::Store,
+    svc: &Service,
+    action: &str,
+    who: &str,
+) -> Result<Option<i64>, crate::store::StoreError> {
+    let deadline =
+        Utc::now() + chrono::Duration::from_std(svc.command_deadline).unwrap_or_default();
+    let reason = format!("{action} requested by {who}");
+    store
+        .create_command(&NewCommand {
+            service_id: &svc.id,
+            node: &svc.node,
+            action,
+            origin: "manual",
+            requested_by: who,
+            reason: &reason,
+            deadline,
+        })
+        .await
+}
+
 async fn auto_restart(
     hub: &Hub,
     svc: &Service,
@@ -648,6 +673,7 @@ mod tests {
             depends_on: vec![],
             command_deadline: Duration::from_secs(300),
             source: "s.yaml".into(),
+            explicit: Default::default(),
         }
     }
 

@@ -81,7 +81,7 @@ impl Workspace {
     /// Writes collector.yaml: listens on 127.0.0.1:0, the given nodes and database.
     pub fn write_collector(&self, database_url: &str, nodes: &[&str]) -> anyhow::Result<PathBuf> {
         let mut text = format!(
-            "grpc_listen: 127.0.0.1:0\n\
+            "grpc_listen: 127.0.0.1:0\nhttp: {{ listen: 127.0.0.1:0 }}\nmetrics: {{ listen: 127.0.0.1:0 }}\n\
              database: {{ url: \"{database_url}\", pool_size: 4 }}\n\
              tls: {{ ca: certs/ca.pem, cert: certs/collector.pem, key: certs/collector.key }}\n\
              services_dir: services\n\

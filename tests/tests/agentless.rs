@@ -43,7 +43,7 @@ async fn agentless_service_is_checked_and_restarted_over_ssh_and_a_wrong_host_ke
     )?;
     let wrong = "SHA256:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA";
     let yaml = format!(
-        "grpc_listen: 127.0.0.1:0\ndatabase: {{ url: \"{}\" }}\n\
+        "grpc_listen: 127.0.0.1:0\nhttp: {{ listen: 127.0.0.1:0 }}\nmetrics: {{ listen: 127.0.0.1:0 }}\ndatabase: {{ url: \"{}\" }}\n\
          tls: {{ ca: certs/ca.pem, cert: certs/collector.pem, key: certs/collector.key }}\nnodes:\n{}{}",
         db.url,
         node_yaml("edge", false, &sshd, &sshd.host_fingerprint),
@@ -103,7 +103,7 @@ async fn with_the_agent_stopped_an_auto_restart_goes_over_ssh() -> anyhow::Resul
     std::fs::write(&flag, "")?;
     ws.write_service("app", &flag_service("app", "n1", &flag, "auto"))?;
     let yaml = format!(
-        "grpc_listen: 127.0.0.1:0\ndatabase: {{ url: \"{}\" }}\n\
+        "grpc_listen: 127.0.0.1:0\nhttp: {{ listen: 127.0.0.1:0 }}\nmetrics: {{ listen: 127.0.0.1:0 }}\ndatabase: {{ url: \"{}\" }}\n\
          tls: {{ ca: certs/ca.pem, cert: certs/collector.pem, key: certs/collector.key }}\nnodes:\n{}",
         db.url,
         node_yaml("n1", true, &sshd, &sshd.host_fingerprint),
@@ -182,7 +182,7 @@ async fn a_command_whose_agent_disconnects_mid_run_is_resolved() -> anyhow::Resu
     ws.write_service("with-ssh", &slow("with-ssh", "n1"))?;
     ws.write_service("no-ssh", &slow("no-ssh", "n2"))?;
     let yaml = format!(
-        "grpc_listen: 127.0.0.1:0\ndatabase: {{ url: \"{}\" }}\n\
+        "grpc_listen: 127.0.0.1:0\nhttp: {{ listen: 127.0.0.1:0 }}\nmetrics: {{ listen: 127.0.0.1:0 }}\ndatabase: {{ url: \"{}\" }}\n\
          tls: {{ ca: certs/ca.pem, cert: certs/collector.pem, key: certs/collector.key }}\n\
          defaults:\n  command_deadline: 8s\nnodes:\n{}  - {{ name: n2, address: 127.0.0.1 }}\n",
         db.url,

@@ -432,7 +432,7 @@ async fn ssh_findings_name_host_key_auth_and_connect_errors() -> anyhow::Result<
     };
     let wrong = "SHA256:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA";
     let yaml = format!(
-        "grpc_listen: 127.0.0.1:0\ndatabase: {{ url: \"{url}\" }}\n\
+        "grpc_listen: 127.0.0.1:0\nhttp: {{ listen: 127.0.0.1:0 }}\nmetrics: {{ listen: 127.0.0.1:0 }}\ndatabase: {{ url: \"{url}\" }}\n\
          tls: {{ ca: certs/ca.pem, cert: certs/collector.pem, key: certs/collector.key }}\nnodes:\n{}{}{}{}",
         node("good", sshd.port, &sshd.client_key, &sshd.host_fingerprint),
         node("rogue", sshd.port, &sshd.client_key, wrong),

@@ -12,6 +12,9 @@ use vigil_checks::{Metric, Status};
 use crate::config::{Config, Thresholds};
 use crate::state::{FlapChange, State, Tracker, Transition};
 
+mod web;
+pub use web::*;
+
 mod embedded {
     refinery::embed_migrations!("migrations");
 }

@@ -1,0 +1,538 @@
+//! Queries behind the REST API and the dashboard: service health with 24-hour figures, results,
+//! events, nodes, daily roll-ups, runtime settings, API tokens and dashboard sessions.
+
+use chrono::{DateTime, NaiveDate, Utc};
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use super::{Store, StoreError};
+
+/// A service's current state as the API and the dashboard show it (from `services` and
+/// `service_state`; the 24-hour counts are 0 when not asked for).
+#[derive(Debug, Clone)]
+pub struct HealthRow {
+    pub service_id: String,
+    pub name: String,
+    pub node: String,
+    pub category: String,
+    pub description: String,
+    pub state: String,
+    pub mode: String,
+    pub paused_until: Option<DateTime<Utc>>,
+    pub flapping: bool,
+    pub consecutive_failures: i32,
+    pub consecutive_successes: i32,
+    pub last_status: Option<i16>,
+    pub last_check_at: Option<DateTime<Utc>>,
+    pub last_response_ms: Option<i32>,
+    pub last_message: Option<String>,
+    pub last_error: Option<String>,
+    pub last_error_at: Option<DateTime<Utc>>,
+    pub healthy_since: Option<DateTime<Utc>>,
+    pub state_since: DateTime<Utc>,
+    pub restarts_used: i32,
+    pub gave_up_at: Option<DateTime<Utc>>,
+    pub checks_24h: i64,
+    pub failures_24h: i64,
+}
+
+/// One stored check result.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ResultRow {
+    /// Row id; pass it as `before` to page back.
+    pub id: i64,
+    pub node: String,
+    pub started_at: DateTime<Utc>,
+    pub duration_ms: i32,
+    /// ok | warning | critical | unknown
+    pub status: String,
+    pub message: String,
+    /// Performance data (label, value, unit, warn, crit, min, max).
+    #[schema(value_type = Object)]
+    pub metrics: serde_json::Value,
+    /// Output excerpt (command checks).
+    pub output: String,
+}
+
+/// One event: a state change, an operator mode change, flapping, or a remediation step.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct EventRow {
+    pub id: i64,
+    pub at: DateTime<Utc>,
+    /// state | mode | flapping | remediation
+    pub kind: String,
+    pub from_state: String,
+    pub to_state: String,
+    pub reason: String,
+}
+
+/// A node: configured, and what its agent said when it connected.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct NodeRow {
+    pub name: String,
+    pub address: String,
+    pub description: String,
+    /// Still in collector.yaml.
+    pub active: bool,
+    pub agent_connected: bool,
+    pub agent_version: Option<String>,
+    /// What the agent reported: check kinds, inventory (CPU, memory, GPUs, Docker, ...).
+    #[schema(value_type = Object)]
+    pub capabilities: Option<serde_json::Value>,
+    pub connected_at: Option<DateTime<Utc>>,
+    pub last_seen: Option<DateTime<Utc>>,
+}
+
+/// One service's figures for one UTC day.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct DailyRow {
+    pub day: NaiveDate,
+    pub checks: i64,
+    pub failures: i64,
+    pub avg_ms: Option<f64>,
+    pub p95_ms: Option<f64>,
+}
+
+/// A stored API token (never its secret).
+#[derive(Debug, Clone)]
+pub struct TokenRow {
+    pub id: i64,
+    pub name: String,
+    pub role: String,
+    pub secret_hash: String,
+    pub created_at: DateTime<Utc>,
+    pub last_used: Option<DateTime<Utc>>,
+    pub revoked_at: Option<DateTime<Utc>>,
+}
+
+/// A live dashboard session and the token it was opened with.
+#[derive(Debug, Clone)]
+pub struct SessionRow {
+    pub token_id: i64,
+    pub token_name: String,
+    pub role: String,
+    pub csrf: String,
+    pub expires_at: DateTime<Utc>,
+}
+
+/// A stored setting.
+#[derive(Debug, Clone)]
+pub struct SettingRow {
+    pub value: serde_json::Value,
+    pub updated_at: DateTime<Utc>,
+    pub updated_by: String,
+}
+
+fn status_name(code: i16) -> &'static str {
+    match code {
+        0 => "ok",
+        1 => "warning",
+        2 => "critical",
+        _ => "unknown",
+    }
+}
+
+impl Store {
+    /// Active services with their state, in node then id order; `only` limits it to one
+    /// service; `with_24h` adds the checks and failures of the last 24 hours.
+    pub async fn health(
+        &self,
+        only: Option<&str>,
+        with_24h: bool,
+    ) -> Result<Vec<HealthRow>, StoreError> {
+        let client = self.pool.get().await?;
+        let rows = client
+            .query(
+                "SELECT s.id, s.name, s.node, s.category, s.description,
+                        COALESCE(st.state, 'unknown'), COALESCE(st.mode, 'active'), st.paused_until,
+                        COALESCE(st.flapping, false), COALESCE(st.consecutive_failures, 0),
+                        COALESCE(st.consecutive_successes, 0), st.last_status, st.last_check_at,
+                        st.last_response_ms, st.last_message, st.last_error, st.last_error_at,
+                        st.healthy_since, COALESCE(st.state_since, s.updated_at),
+                        COALESCE(st.restarts_used, 0), st.gave_up_at,
+                        COALESCE(c.total, 0), COALESCE(c.failed, 0)
+                 FROM services s
+                 LEFT JOIN service_state st ON st.service_id = s.id
+                 LEFT JOIN LATERAL (
+                    SELECT count(*) AS total, count(*) FILTER (WHERE r.status >= 2) AS failed
+                    FROM check_results r
+                    WHERE $2 AND r.service_id = s.id AND r.started_at > now() - interval '24 hours'
+                 ) c ON true
+                 WHERE s.active AND ($1::text IS NULL OR s.id = $1)
+                 ORDER BY s.node, s.id",
+                &[&only, &with_24h],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| HealthRow {
+                service_id: r.get(0),
+                name: r.get(1),
+                node: r.get(2),
+                category: r.get(3),
+                description: r.get(4),
+                state: r.get(5),
+                mode: r.get(6),
+                paused_until: r.get(7),
+                flapping: r.get(8),
+                consecutive_failures: r.get(9),
+                consecutive_successes: r.get(10),
+                last_status: r.get(11),
+                last_check_at: r.get(12),
+                last_response_ms: r.get(13),
+                last_message: r.get(14),
+                last_error: r.get(15),
+                last_error_at: r.get(16),
+                healthy_since: r.get(17),
+                state_since: r.get(18),
+                restarts_used: r.get(19),
+                gave_up_at: r.get(20),
+                checks_24h: r.get(21),
+                failures_24h: r.get(22),
+            })
+            .collect())
+    }
+
+    /// Results of a service, newest first: at most `limit`, taken at or after `since`, with an
+    /// id below `before` (the previous page's last id).
+    pub async fn results_of(
+        &self,
+        service_id: &str,
+        since: Option<DateTime<Utc>>,
+        before: Option<i64>,
+        limit: i64,
+    ) -> Result<Vec<ResultRow>, StoreError> {
+        let client = self.pool.get().await?;
+        let rows = client
+            .query(
+                "SELECT id, node, started_at, duration_ms, status, message, metrics, output
+                 FROM check_results
+                 WHERE service_id = $1 AND ($2::timestamptz IS NULL OR started_at >= $2)
+                   AND ($3::int8 IS NULL OR id < $3)
+                 ORDER BY started_at DESC, id DESC LIMIT $4",
+                &[&service_id, &since, &before, &limit],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| ResultRow {
+                id: r.get(0),
+                node: r.get(1),
+                started_at: r.get(2),
+                duration_ms: r.get(3),
+                status: status_name(r.get(4)).to_string(),
+                message: r.get(5),
+                metrics: r.get(6),
+                output: r.get(7),
+            })
+            .collect())
+    }
+
+    /// Events of a service, newest first (ids below `before`, at most `limit`).
+    pub async fn events_of(
+        &self,
+        service_id: &str,
+        before: Option<i64>,
+        limit: i64,
+    ) -> Result<Vec<EventRow>, StoreError> {
+        let client = self.pool.get().await?;
+        let rows = client
+            .query(
+                "SELECT id, at, kind, from_state, to_state, reason FROM events
+                 WHERE service_id = $1 AND ($2::int8 IS NULL OR id < $2)
+                 ORDER BY id DESC LIMIT $3",
+                &[&service_id, &before, &limit],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| EventRow {
+                id: r.get(0),
+                at: r.get(1),
+                kind: r.get(2),
+                from_state: r.get(3),
+                to_state: r.get(4),
+                reason: r.get(5),
+            })
+            .collect())
+    }
+
+    /// The state of a service at `at` (the last state event before it), if any event says so.
+    pub async fn state_at(
+        &self,
+        service_id: &str,
+        at: DateTime<Utc>,
+    ) -> Result<Option<String>, StoreError> {
+        let client = self.pool.get().await?;
+        Ok(client
+            .query_opt(
+                "SELECT to_state FROM events WHERE service_id = $1 AND kind = 'state' AND at < $2
+                 ORDER BY id DESC LIMIT 1",
+                &[&service_id, &at],
+            )
+            .await?
+            .map(|r| r.get(0)))
+    }
+
+    /// State events of a service since `since`, oldest first (for the timeline).
+    pub async fn state_events_since(
+        &self,
+        service_id: &str,
+        since: DateTime<Utc>,
+    ) -> Result<Vec<EventRow>, StoreError> {
+        let client = self.pool.get().await?;
+        let rows = client
+            .query(
+                "SELECT id, at, kind, from_state, to_state, reason FROM events
+                 WHERE service_id = $1 AND kind = 'state' AND at >= $2 ORDER BY id LIMIT 5000",
+                &[&service_id, &since],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| EventRow {
+                id: r.get(0),
+                at: r.get(1),
+                kind: r.get(2),
+                from_state: r.get(3),
+                to_state: r.get(4),
+                reason: r.get(5),
+            })
+            .collect())
+    }
+
+    /// Every node the collector knows, configured ones first.
+    pub async fn nodes(&self) -> Result<Vec<NodeRow>, StoreError> {
+        let client = self.pool.get().await?;
+        let rows = client
+            .query(
+                "SELECT name, address, description, active, agent_connected, agent_version,
+                        capabilities, connected_at, last_seen
+                 FROM nodes ORDER BY active DESC, name",
+                &[],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| NodeRow {
+                name: r.get(0),
+                address: r.get(1),
+                description: r.get(2),
+                active: r.get(3),
+                agent_connected: r.get(4),
+                agent_version: r.get(5),
+                capabilities: r.get(6),
+                connected_at: r.get(7),
+                last_seen: r.get(8),
+            })
+            .collect())
+    }
+
+    /// Recomputes the daily roll-ups of the last `days` UTC days (today included) from the
+    /// stored results; returns the rows written.
+    pub async fn roll_up_daily(&self, days: i32) -> Result<u64, StoreError> {
+        let client = self.pool.get().await?;
+        Ok(client
+            .execute(
+                "INSERT INTO daily_stats (service_id, day, checks, failures, avg_ms, p95_ms, updated_at)
+                 SELECT service_id, (started_at AT TIME ZONE 'UTC')::date, count(*),
+                        count(*) FILTER (WHERE status >= 2), avg(duration_ms),
+                        percentile_cont(0.95) WITHIN GROUP (ORDER BY duration_ms), now()
+                 FROM check_results
+                 WHERE started_at >= (date_trunc('day', now() AT TIME ZONE 'UTC') - make_interval(days => $1 - 1))
+                                     AT TIME ZONE 'UTC'
+                 GROUP BY 1, 2
+                 ON CONFLICT (service_id, day) DO UPDATE SET checks = EXCLUDED.checks,
+                   failures = EXCLUDED.failures, avg_ms = EXCLUDED.avg_ms, p95_ms = EXCLUDED.p95_ms,
+                   updated_at = now()",
+                &[&days.max(1)],
+            )
+            .await?)
+    }
+
+    /// A service's daily roll-ups of the last `days` days, newest first.
+    pub async fn daily_of(&self, service_id: &str, days: i32) -> Result<Vec<DailyRow>, StoreError> {
+        let client = self.pool.get().await?;
+        let rows = client
+            .query(
+                "SELECT day, checks, failures, avg_ms, p95_ms FROM daily_stats
+                 WHERE service_id = $1 AND day > (now() AT TIME ZONE 'UTC')::date - $2
+                 ORDER BY day DESC",
+                &[&service_id, &days],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| DailyRow {
+                day: r.get(0),
+                checks: r.get(1),
+                failures: r.get(2),
+                avg_ms: r.get(3),
+                p95_ms: r.get(4),
+            })
+            .collect())
+    }
+
+    pub async fn setting(&self, key: &str) -> Result<Option<SettingRow>, StoreError> {
+        let client = self.pool.get().await?;
+        Ok(client
+            .query_opt(
+                "SELECT value, updated_at, updated_by FROM settings WHERE key = $1",
+                &[&key],
+            )
+            .await?
+            .map(|r| SettingRow {
+                value: r.get(0),
+                updated_at: r.get(1),
+                updated_by: r.get(2),
+            }))
+    }
+
+    pub async fn put_setting(
+        &self,
+        key: &str,
+        value: &serde_json::Value,
+        by: &str,
+    ) -> Result<(), StoreError> {
+        let client = self.pool.get().await?;
+        client
+            .execute(
+                "INSERT INTO settings (key, value, updated_at, updated_by) VALUES ($1, $2, now(), $3)
+                 ON CONFLICT (key) DO UPDATE SET value = $2, updated_at = now(), updated_by = $3",
+                &[&key, value, &by],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Stores a new token; `None` when the name is taken.
+    pub async fn create_token(
+        &self,
+        name: &str,
+        role: &str,
+        secret_hash: &str,
+    ) -> Result<Option<i64>, StoreError> {
+        let client = self.pool.get().await?;
+        Ok(client
+            .query_opt(
+                "INSERT INTO api_tokens (name, role, secret_hash) VALUES ($1, $2, $3)
+                 ON CONFLICT (name) DO NOTHING RETURNING id",
+                &[&name, &role, &secret_hash],
+            )
+            .await?
+            .map(|r| r.get(0)))
+    }
+
+    pub async fn token(&self, id: i64) -> Result<Option<TokenRow>, StoreError> {
+        Ok(self.tokens_where(Some(id)).await?.into_iter().next())
+    }
+
+    /// Every token, revoked ones too, oldest first.
+    pub async fn tokens(&self) -> Result<Vec<TokenRow>, StoreError> {
+        self.tokens_where(None).await
+    }
+
+    async fn tokens_where(&self, id: Option<i64>) -> Result<Vec<TokenRow>, StoreError> {
+        let client = self.pool.get().await?;
+        let rows = client
+            .query(
+                "SELECT id, name, role, secret_hash, created_at, last_used, revoked_at
+                 FROM api_tokens WHERE $1::int8 IS NULL OR id = $1 ORDER BY id",
+                &[&id],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| TokenRow {
+                id: r.get(0),
+                name: r.get(1),
+                role: r.get(2),
+                secret_hash: r.get(3),
+                created_at: r.get(4),
+                last_used: r.get(5),
+                revoked_at: r.get(6),
+            })
+            .collect())
+    }
+
+    /// Revokes a token by name and ends its sessions; false if no live token has that name.
+    pub async fn revoke_token(&self, name: &str) -> Result<bool, StoreError> {
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        let id: Option<i64> = tx
+            .query_opt(
+                "UPDATE api_tokens SET revoked_at = now() WHERE name = $1 AND revoked_at IS NULL
+                 RETURNING id",
+                &[&name],
+            )
+            .await?
+            .map(|r| r.get(0));
+        if let Some(id) = id {
+            tx.execute("DELETE FROM web_sessions WHERE token_id = $1", &[&id])
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(id.is_some())
+    }
+
+    /// Records that a token was used (at most once a minute per token).
+    pub async fn touch_token(&self, id: i64) -> Result<(), StoreError> {
+        let client = self.pool.get().await?;
+        client
+            .execute(
+                "UPDATE api_tokens SET last_used = now()
+                 WHERE id = $1 AND (last_used IS NULL OR last_used < now() - interval '1 minute')",
+                &[&id],
+            )
+            .await?;
+        Ok(())
+    }
+
+    pub async fn create_session(
+        &self,
+        id_hash: &str,
+        token_id: i64,
+        csrf: &str,
+        expires_at: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        let client = self.pool.get().await?;
+        client
+            .execute("DELETE FROM web_sessions WHERE expires_at < now()", &[])
+            .await?;
+        client
+            .execute(
+                "INSERT INTO web_sessions (id_hash, token_id, csrf, expires_at) VALUES ($1, $2, $3, $4)",
+                &[&id_hash, &token_id, &csrf, &expires_at],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// A session that has not expired and whose token is not revoked.
+    pub async fn session(&self, id_hash: &str) -> Result<Option<SessionRow>, StoreError> {
+        let client = self.pool.get().await?;
+        Ok(client
+            .query_opt(
+                "SELECT t.id, t.name, t.role, s.csrf, s.expires_at
+                 FROM web_sessions s JOIN api_tokens t ON t.id = s.token_id
+                 WHERE s.id_hash = $1 AND s.expires_at > now() AND t.revoked_at IS NULL",
+                &[&id_hash],
+            )
+            .await?
+            .map(|r| SessionRow {
+                token_id: r.get(0),
+                token_name: r.get(1),
+                role: r.get(2),
+                csrf: r.get(3),
+                expires_at: r.get(4),
+            }))
+    }
+
+    pub async fn delete_session(&self, id_hash: &str) -> Result<(), StoreError> {
+        let client = self.pool.get().await?;
+        client
+            .execute("DELETE FROM web_sessions WHERE id_hash = $1", &[&id_hash])
+            .await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,330 @@
+//! Who is calling: bearer API tokens (`vgl_<id>_<secret>`, only an Argon2id hash of the secret is
+//! stored) and dashboard sessions (an HttpOnly, SameSite=Strict cookie opened by logging in with
+//! a token; state-changing requests on a session must carry its CSRF token). Roles: viewer <
+//! operator < admin.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use argon2::{PasswordHasher, PasswordVerifier};
+use axum::extract::FromRequestParts;
+use axum::http::{Method, header, request::Parts};
+use rand::RngCore;
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use super::{ApiError, AppState};
+use crate::store::{Store, StoreError};
+
+/// The session cookie's name.
+pub const COOKIE: &str = "vigil_session";
+/// The header a session's state-changing request carries its CSRF token in.
+pub const CSRF_HEADER: &str = "x-csrf-token";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Viewer,
+    Operator,
+    Admin,
+}
+
+impl Role {
+    pub fn parse(s: &str) -> Option<Role> {
+        match s {
+            "viewer" => Some(Role::Viewer),
+            "operator" => Some(Role::Operator),
+            "admin" => Some(Role::Admin),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Viewer => "viewer",
+            Role::Operator => "operator",
+            Role::Admin => "admin",
+        }
+    }
+}
+
+/// An authenticated caller.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub token_id: i64,
+    /// The token's name (recorded on commands and settings as who asked).
+    pub name: String,
+    pub role: Role,
+    /// The session's CSRF token when the caller came with the session cookie.
+    pub csrf: Option<String>,
+}
+
+impl Caller {
+    /// 403 unless the caller has at least `role`.
+    pub fn require(&self, role: Role) -> Result<(), ApiError> {
+        if self.role >= role {
+            Ok(())
+        } else {
+            Err(ApiError::forbidden(format!(
+                "this needs the {} role; token {:?} is {}",
+                role.as_str(),
+                self.name,
+                self.role.as_str()
+            )))
+        }
+    }
+
+    /// Who asked, for audit records.
+    pub fn who(&self) -> String {
+        format!("api:{}", self.name)
+    }
+}
+
+fn random_hex(bytes: usize) -> String {
+    let mut b = vec![0u8; bytes];
+    rand::rng().fill_bytes(&mut b);
+    hex::encode(b)
+}
+
+pub fn sha256_hex(s: &str) -> String {
+    hex::encode(Sha256::digest(s.as_bytes()))
+}
+
+/// Constant-time equality of two strings.
+fn same(a: &str, b: &str) -> bool {
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
+}
+
+/// Errors of token management.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("a token named {0:?} exists already (revoked tokens keep their name)")]
+    Exists(String),
+    #[error("cannot hash the token: {0}")]
+    Hash(String),
+}
+
+/// Creates a token; returns it (shown once, never stored) and its id.
+pub async fn create_token(
+    store: &Store,
+    name: &str,
+    role: Role,
+) -> Result<(String, i64), TokenError> {
+    let secret = random_hex(32);
+    let hash = argon2::Argon2::default()
+        .hash_password(secret.as_bytes())
+        .map_err(|e| TokenError::Hash(e.to_string()))?
+        .to_string();
+    let id = store
+        .create_token(name, role.as_str(), &hash)
+        .await?
+        .ok_or_else(|| TokenError::Exists(name.to_string()))?;
+    Ok((format!("vgl_{id}_{secret}"), id))
+}
+
+/// Verified tokens: id -> (SHA-256 of the secret, the stored hash it was checked against), so
+/// that Argon2 runs once per token and process, not once per request.
+#[derive(Default)]
+pub struct TokenCache {
+    verified: Mutex<HashMap<i64, (String, String)>>,
+}
+
+impl TokenCache {
+    /// The caller a bearer token stands for; `None` if it is unknown, wrong or revoked.
+    pub async fn check(&self, store: &Store, token: &str) -> Result<Option<Caller>, StoreError> {
+        let Some(rest) = token.strip_prefix("vgl_") else {
+            return Ok(None);
+        };
+        let Some((id, secret)) = rest.split_once('_') else {
+            return Ok(None);
+        };
+        let Ok(id) = id.parse::<i64>() else {
+            return Ok(None);
+        };
+        let Some(row) = store.token(id).await? else {
+            return Ok(None);
+        };
+        let Some(role) = Role::parse(&row.role) else {
+            return Ok(None);
+        };
+        if row.revoked_at.is_some() {
+            return Ok(None);
+        }
+        let digest = sha256_hex(secret);
+        let cached = self
+            .verified
+            .lock()
+            .expect("token cache")
+            .get(&id)
+            .is_some_and(|(d, h)| same(d, &digest) && h == &row.secret_hash);
+        if !cached {
+            let (hash, secret) = (row.secret_hash.clone(), secret.to_string());
+            let ok = tokio::task::spawn_blocking(move || {
+                argon2::Argon2::default()
+                    .verify_password(secret.as_bytes(), hash.as_str())
+                    .is_ok()
+            })
+            .await
+            .unwrap_or(false);
+            if !ok {
+                return Ok(None);
+            }
+            self.verified
+                .lock()
+                .expect("token cache")
+                .insert(id, (digest, row.secret_hash.clone()));
+        }
+        if let Err(e) = store.touch_token(id).await {
+            tracing::warn!(error = %e, token = %row.name, "cannot record token use");
+        }
+        Ok(Some(Caller {
+            token_id: id,
+            name: row.name,
+            role,
+            csrf: None,
+        }))
+    }
+}
+
+/// A new session for `caller`: the cookie value (to set) and its CSRF token.
+pub async fn open_session(
+    store: &Store,
+    caller: &Caller,
+    ttl: std::time::Duration,
+) -> Result<(String, String), StoreError> {
+    let id = random_hex(32);
+    let csrf = random_hex(16);
+    let expires = chrono::Utc::now() + chrono::Duration::from_std(ttl).unwrap_or_default();
+    store
+        .create_session(&sha256_hex(&id), caller.token_id, &csrf, expires)
+        .await?;
+    Ok((id, csrf))
+}
+
+/// The `Set-Cookie` value for a session (or, with `None`, one that clears it).
+pub fn session_cookie(id: Option<&str>, ttl: std::time::Duration, secure: bool) -> String {
+    let secure = if secure { "; Secure" } else { "" };
+    match id {
+        Some(id) => format!(
+            "{COOKIE}={id}; Path=/; HttpOnly; SameSite=Strict; Max-Age={}{secure}",
+            ttl.as_secs()
+        ),
+        None => format!("{COOKIE}=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0{secure}"),
+    }
+}
+
+/// The session id in the request's cookies.
+pub fn session_id(parts: &Parts) -> Option<String> {
+    parts
+        .headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|c| c.trim().split_once('='))
+        .find(|(k, _)| *k == COOKIE)
+        .map(|(_, v)| v.to_string())
+        .filter(|v| !v.is_empty())
+}
+
+/// The caller of a request, if any credentials were presented and are valid. A session's
+/// state-changing request without the right CSRF token is refused.
+pub async fn identify(parts: &Parts, state: &AppState) -> Result<Option<Caller>, ApiError> {
+    if let Some(auth) = parts.headers.get(header::AUTHORIZATION) {
+        let token = auth
+            .to_str()
+            .ok()
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim)
+            .ok_or_else(|| {
+                ApiError::unauthorized("the Authorization header must be \"Bearer TOKEN\"")
+            })?;
+        return match state.tokens.check(&state.hub.store, token).await? {
+            Some(c) => Ok(Some(c)),
+            None => Err(ApiError::unauthorized(
+                "the token is unknown, wrong or revoked",
+            )),
+        };
+    }
+    let Some(id) = session_id(parts) else {
+        return Ok(None);
+    };
+    let Some(s) = state.hub.store.session(&sha256_hex(&id)).await? else {
+        return Ok(None);
+    };
+    let Some(role) = Role::parse(&s.role) else {
+        return Ok(None);
+    };
+    let safe = matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS);
+    if !safe {
+        let sent = parts
+            .headers
+            .get(CSRF_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        if !same(sent, &s.csrf) {
+            return Err(ApiError::forbidden(
+                "missing or wrong CSRF token (send the page's token in X-CSRF-Token)",
+            ));
+        }
+    }
+    Ok(Some(Caller {
+        token_id: s.token_id,
+        name: s.token_name,
+        role,
+        csrf: Some(s.csrf),
+    }))
+}
+
+impl FromRequestParts<AppState> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        identify(parts, state).await?.ok_or_else(|| {
+            ApiError::unauthorized("authentication required: send Authorization: Bearer TOKEN")
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roles_are_ordered() {
+        assert!(Role::Admin > Role::Operator && Role::Operator > Role::Viewer);
+        for r in [Role::Viewer, Role::Operator, Role::Admin] {
+            assert_eq!(Role::parse(r.as_str()), Some(r));
+        }
+        assert_eq!(Role::parse("root"), None);
+    }
+
+    #[test]
+    fn cookie_is_httponly_and_strict() {
+        let c = session_cookie(Some("abc"), std::time::Duration::from_secs(60), true);
+        assert!(c.starts_with("vigil_session=abc;"), "{c}");
+        for part in [
+            "HttpOnly",
+            "SameSite=Strict",
+            "Max-Age=60",
+            "Secure",
+            "Path=/",
+        ] {
+            assert!(c.contains(part), "{c} lacks {part}");
+        }
+        assert!(session_cookie(None, Default::default(), false).contains("Max-Age=0"));
+    }
+
+    #[test]
+    fn constant_time_compare() {
+        assert!(same("abc", "abc"));
+        assert!(!same("abc", "abd"));
+        assert!(!same("abc", "abcd"));
+    }
+}

@@ -1,0 +1,155 @@
+//! The operator surface over HTTP (axum): the REST API under `/api` (OpenAPI document at
+//! `/api/openapi.json`), the server-rendered dashboard with live updates, login with a token
+//! into a session cookie, and the background daily roll-ups.
+
+pub mod api;
+pub mod auth;
+pub mod dashboard;
+pub mod settings;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Json;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use crate::grpc::Hub;
+use crate::store::StoreError;
+
+/// What every handler gets.
+#[derive(Clone)]
+pub struct AppState {
+    pub hub: Arc<Hub>,
+    pub tokens: Arc<auth::TokenCache>,
+}
+
+/// A JSON error: `{"error": "not_found", "message": "...", "field": "..."}`.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ErrorBody {
+    /// Machine-readable: bad_request, unauthorized, forbidden, not_found, conflict, internal.
+    pub error: String,
+    /// What went wrong, for a person.
+    pub message: String,
+    /// The offending field of the request, when there is one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+}
+
+/// An error answered as JSON with its status code.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub body: ErrorBody,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &str, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            body: ErrorBody {
+                error: code.into(),
+                message: message.into(),
+                field: None,
+            },
+        }
+    }
+    pub fn bad_request(field: Option<&str>, message: impl Into<String>) -> ApiError {
+        let mut e = ApiError::new(StatusCode::BAD_REQUEST, "bad_request", message);
+        e.body.field = field.map(str::to_string);
+        e
+    }
+    pub fn unauthorized(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message)
+    }
+    pub fn forbidden(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::FORBIDDEN, "forbidden", message)
+    }
+    pub fn not_found(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::NOT_FOUND, "not_found", message)
+    }
+    pub fn conflict(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::CONFLICT, "conflict", message)
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> ApiError {
+        tracing::error!(error = %e, "API request failed on the database");
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "the database is not available; try again",
+        )
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut r = (self.status, Json(self.body)).into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            r.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer realm=\"vigil\""),
+            );
+        }
+        r
+    }
+}
+
+/// The dashboard and the API.
+pub fn router(hub: Arc<Hub>) -> axum::Router {
+    let state = AppState {
+        hub,
+        tokens: Arc::new(auth::TokenCache::default()),
+    };
+    axum::Router::new()
+        .merge(api::routes())
+        .merge(dashboard::routes())
+        .layer(axum::middleware::map_response(security_headers))
+        .with_state(state)
+}
+
+async fn security_headers(mut r: Response) -> Response {
+    let h = r.headers_mut();
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        header::HeaderValue::from_static("nosniff"),
+    );
+    h.insert(
+        header::X_FRAME_OPTIONS,
+        header::HeaderValue::from_static("DENY"),
+    );
+    h.insert(
+        header::REFERRER_POLICY,
+        header::HeaderValue::from_static("same-origin"),
+    );
+    h.entry(header::CACHE_CONTROL)
+        .or_insert(header::HeaderValue::from_static("no-store"));
+    r
+}
+
+/// How often the daily roll-ups are recomputed.
+const ROLL_UP_EVERY: Duration = Duration::from_secs(300);
+
+/// Background work of the operator surface: the daily roll-ups (today and yesterday, every
+/// five minutes; the last week at start-up).
+pub fn start_background(hub: Arc<Hub>) {
+    tokio::spawn(async move {
+        let mut days = 7;
+        let mut every = tokio::time::interval(ROLL_UP_EVERY);
+        loop {
+            tokio::select! {
+                _ = hub.shutdown.cancelled() => return,
+                _ = every.tick() => {}
+            }
+            match hub.store.roll_up_daily(days).await {
+                Ok(n) => tracing::debug!(rows = n, days, "daily roll-ups updated"),
+                Err(e) => tracing::warn!(error = %e, "cannot update the daily roll-ups"),
+            }
+            days = 2;
+        }
+    });
+}
