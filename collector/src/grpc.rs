@@ -190,6 +190,13 @@ impl Hub {
     /// Ends every session (on shutdown).
     pub fn close_all(&self) {
         self.sessions.lock().expect("sessions lock").clear();
+        self.count_agents();
+    }
+
+    /// Sets `vigil_agents_connected` (under the sessions lock, so concurrent updates stay in order).
+    fn count_agents(&self) {
+        let s = self.sessions.lock().expect("sessions lock");
+        self.metrics.set_agents_connected(s.len());
     }
 }
 
@@ -311,6 +318,7 @@ impl v1::agent_service_server::AgentService for AgentSvc {
         let _ = tx.send(Ok(msg(Out::Welcome(welcome)))).await;
         let _ = tx.send(Ok(msg(Out::Config(update)))).await;
         let id = self.hub.register(&node, tx.clone());
+        self.hub.count_agents();
         let caps = hello.capabilities.clone().unwrap_or_default();
         let inventory: serde_json::Value = if hello.inventory_json.len() > 64 * 1024 {
             tracing::warn!(%node, "inventory over 64 KiB ignored");
@@ -350,7 +358,9 @@ impl v1::agent_service_server::AgentService for AgentSvc {
         tokio::spawn(async move {
             let reason = run_session(&hub, &node, inbound, &tx).await;
             drop(tx);
-            if hub.unregister(&node, id)
+            let gone = hub.unregister(&node, id);
+            hub.count_agents();
+            if gone
                 && let Err(e) = hub
                     .store
                     .node_session(&node, false, "", &serde_json::Value::Null)
@@ -458,6 +468,13 @@ async fn ingest(hub: &Hub, node: &str, batch: v1::ResultBatch, tx: &Tx) -> Resul
             tracing::error!(%node, error = %e, "cannot store results; the agent keeps them and will resend");
             Status::unavailable(format!("the collector cannot store results now: {e}"))
         })?;
+    hub.metrics.observe_ingest_batch(started.elapsed());
+    for r in &results {
+        let kind = cfg
+            .service(&r.service_id)
+            .map_or("unknown", |s| s.check.kind.name());
+        hub.metrics.observe_check(kind, r.duration_ms);
+    }
     tracing::debug!(
         %node, inserted = report.inserted, duplicates = report.duplicates,
         elapsed_ms = started.elapsed().as_millis() as u64, "batch committed"
@@ -477,6 +494,7 @@ async fn ingest(hub: &Hub, node: &str, batch: v1::ResultBatch, tx: &Tx) -> Resul
 pub async fn after_ingest(hub: &Hub, node: &str, report: &crate::store::IngestReport) {
     use crate::state::State;
     let cfg = hub.config().await;
+    hub.metrics.ingested(&cfg, report);
     let after = |id: &str| report.states.iter().find(|s| s.service_id == id);
     for (service, t) in &report.transitions {
         tracing::info!(%node, %service, from = %t.from, to = %t.to, reason = %t.reason, "service state changed");

@@ -143,6 +143,7 @@ impl Collector {
             Some(addr) => {
                 let a = serve_http(addr, metrics::router(hub.clone()), &hub).await?;
                 tracing::info!(addr = %a, "Prometheus metrics listening (http://{a}/metrics)");
+                metrics::init(&hub).await;
                 Some(a)
             }
             None => None,

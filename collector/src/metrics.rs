@@ -1,13 +1,73 @@
 //! Prometheus metrics (prometheus-client): the registry the collector updates, and the
 //! `/metrics` endpoint served on its own listen address.
+//!
+//! Exported (OpenMetrics text):
+//! - `vigil_service_up{service,node,category}`: 1 while the service is healthy, else 0;
+//!   loaded from the database at start-up ([`init`]) and kept current after every ingest.
+//! - `vigil_check_duration_seconds{kind}`: run time of check results received from agents.
+//! - `vigil_results_ingested_total`, `vigil_results_duplicate_total`: results stored / already
+//!   stored (resent after a lost acknowledgement).
+//! - `vigil_agents_connected`: agent streams open now.
+//! - `vigil_commands_total{action,outcome}`: finished commands (`succeeded`, `failed`, `timed_out`).
+//! - `vigil_ingest_batch_seconds`: time to store one agent batch (one transaction).
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::{Registry, Unit};
+
+use crate::config::Config;
 use crate::grpc::Hub;
+use crate::state::State as ServiceState;
+use crate::store::IngestReport;
+
+/// The content type of the exposition `prometheus_client::encoding::text` writes.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ServiceLabels {
+    service: String,
+    node: String,
+    category: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabels {
+    kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CommandLabels {
+    action: String,
+    outcome: String,
+}
+
+fn check_duration_histogram() -> Histogram {
+    // 1 ms .. ~33 s: from a local command to an HTTP check near its timeout.
+    Histogram::new(exponential_buckets(0.001, 2.0, 16))
+}
 
 /// Every metric the collector exports.
 pub struct Metrics {
-    registry: prometheus_client::registry::Registry,
+    registry: Registry,
+    service_up: Family<ServiceLabels, Gauge>,
+    /// The label set each service is exported under, so that a service that moved to another
+    /// node or category does not leave its old series behind.
+    service_labels: Mutex<HashMap<String, ServiceLabels>>,
+    check_duration: Family<KindLabels, Histogram, fn() -> Histogram>,
+    results_ingested: Counter,
+    results_duplicate: Counter,
+    agents_connected: Gauge,
+    commands: Family<CommandLabels, Counter>,
+    ingest_batch: Histogram,
 }
 
 impl Default for Metrics {
@@ -18,26 +78,280 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn new() -> Metrics {
+        let mut registry = Registry::default();
+        let service_up = Family::<ServiceLabels, Gauge>::default();
+        registry.register(
+            "vigil_service_up",
+            "1 when the service is healthy, 0 otherwise (unknown, failing, down)",
+            service_up.clone(),
+        );
+        let check_duration: Family<KindLabels, Histogram, fn() -> Histogram> =
+            Family::new_with_constructor(check_duration_histogram);
+        registry.register_with_unit(
+            "vigil_check_duration",
+            "Run time of the check results received from agents, by check kind",
+            Unit::Seconds,
+            check_duration.clone(),
+        );
+        let results_ingested = Counter::default();
+        registry.register(
+            "vigil_results_ingested",
+            "Check results newly stored",
+            results_ingested.clone(),
+        );
+        let results_duplicate = Counter::default();
+        registry.register(
+            "vigil_results_duplicate",
+            "Check results received again and not stored twice",
+            results_duplicate.clone(),
+        );
+        let agents_connected = Gauge::default();
+        registry.register(
+            "vigil_agents_connected",
+            "Agent streams connected now",
+            agents_connected.clone(),
+        );
+        let commands = Family::<CommandLabels, Counter>::default();
+        registry.register(
+            "vigil_commands",
+            "Finished commands, by action and outcome (succeeded, failed, timed_out)",
+            commands.clone(),
+        );
+        // 1 ms .. ~4 s.
+        let ingest_batch = Histogram::new(exponential_buckets(0.001, 2.0, 13));
+        registry.register_with_unit(
+            "vigil_ingest_batch",
+            "Time to store one batch of agent results (one transaction)",
+            Unit::Seconds,
+            ingest_batch.clone(),
+        );
         Metrics {
-            registry: prometheus_client::registry::Registry::default(),
+            registry,
+            service_up,
+            service_labels: Mutex::new(HashMap::new()),
+            check_duration,
+            results_ingested,
+            results_duplicate,
+            agents_connected,
+            commands,
+            ingest_batch,
         }
     }
 
-    /// The text exposition of every metric.
+    /// The text exposition (OpenMetrics) of every metric.
     pub fn encode(&self) -> String {
         let mut out = String::new();
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
     }
+
+    /// Sets `vigil_service_up` of one service.
+    pub fn set_service_up(&self, service: &str, node: &str, category: &str, up: bool) {
+        self.put_service_up(service, node, category, up, true);
+    }
+
+    /// Sets `vigil_service_up` of one service unless it is set already (start-up load, which must
+    /// not overwrite what an ingest that raced it recorded).
+    fn init_service_up(&self, service: &str, node: &str, category: &str, up: bool) {
+        self.put_service_up(service, node, category, up, false);
+    }
+
+    fn put_service_up(&self, service: &str, node: &str, category: &str, up: bool, replace: bool) {
+        let labels = ServiceLabels {
+            service: service.to_string(),
+            node: node.to_string(),
+            category: category.to_string(),
+        };
+        let mut known = self.service_labels.lock().expect("service labels lock");
+        if !replace && known.contains_key(service) {
+            return;
+        }
+        if let Some(old) = known.get(service)
+            && *old != labels
+        {
+            self.service_up.remove(old);
+        }
+        self.service_up.get_or_create(&labels).set(i64::from(up));
+        known.insert(service.to_string(), labels);
+    }
+
+    /// Counts stored and duplicate results.
+    pub fn count_results(&self, inserted: usize, duplicates: usize) {
+        self.results_ingested.inc_by(inserted as u64);
+        self.results_duplicate.inc_by(duplicates as u64);
+    }
+
+    /// After a committed ingest: counts its results and updates `vigil_service_up` of every
+    /// service in it (node and category from `cfg`; services no longer configured are skipped).
+    pub fn ingested(&self, cfg: &Config, report: &IngestReport) {
+        self.count_results(report.inserted, report.duplicates);
+        for s in &report.states {
+            if let Some(svc) = cfg.service(&s.service_id) {
+                self.set_service_up(
+                    &s.service_id,
+                    &svc.node,
+                    svc.category.as_str(),
+                    s.state == ServiceState::Healthy,
+                );
+            }
+        }
+    }
+
+    /// Records the run time of one check result of the given kind.
+    pub fn observe_check(&self, kind: &str, duration_ms: u32) {
+        self.check_duration
+            .get_or_create(&KindLabels {
+                kind: kind.to_string(),
+            })
+            .observe(f64::from(duration_ms) / 1000.0);
+    }
+
+    /// Records how long storing one batch took.
+    pub fn observe_ingest_batch(&self, elapsed: std::time::Duration) {
+        self.ingest_batch.observe(elapsed.as_secs_f64());
+    }
+
+    /// Sets the number of connected agents.
+    pub fn set_agents_connected(&self, n: usize) {
+        self.agents_connected
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    /// Counts a finished command (`outcome`: its final status).
+    pub fn command_finished(&self, action: &str, outcome: &str) {
+        self.commands
+            .get_or_create(&CommandLabels {
+                action: action.to_string(),
+                outcome: outcome.to_string(),
+            })
+            .inc();
+    }
+}
+
+/// Loads `vigil_service_up` of every service from the database (at start-up, before any ingest
+/// updates it). A failure is logged: the gauges then appear as results arrive.
+pub async fn init(hub: &Hub) {
+    match hub.store.health(None, false).await {
+        Ok(rows) => {
+            for r in &rows {
+                hub.metrics.init_service_up(
+                    &r.service_id,
+                    &r.node,
+                    &r.category,
+                    r.state == "healthy",
+                );
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot load service states for vigil_service_up"),
+    }
+}
+
+/// Whether `headers` carry `Authorization: Bearer <token>` (scheme case-insensitive; the token
+/// compared in constant time).
+fn authorized(headers: &HeaderMap, token: &str) -> bool {
+    let Some(value) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return false;
+    };
+    let Some((scheme, given)) = value.trim().split_once(' ') else {
+        return false;
+    };
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return false;
+    }
+    let (a, b) = (given.trim().as_bytes(), token.as_bytes());
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn scrape(State(hub): State<Arc<Hub>>, headers: HeaderMap) -> Response {
+    let cfg = hub.config().await;
+    if let Some(token) = &cfg.metrics_token
+        && !authorized(&headers, token)
+    {
+        return (
+            StatusCode::UNAUTHORIZED,
+            [(header::WWW_AUTHENTICATE, "Bearer realm=\"vigil-metrics\"")],
+            "a bearer token is required (Authorization: Bearer <token>)\n",
+        )
+            .into_response();
+    }
+    ([(header::CONTENT_TYPE, CONTENT_TYPE)], hub.metrics.encode()).into_response()
 }
 
 /// The `/metrics` endpoint (bearer token required when `metrics.bearer_token_file` is set).
 pub fn router(hub: Arc<Hub>) -> axum::Router {
-    axum::Router::new().route(
-        "/metrics",
-        axum::routing::get(move || {
-            let hub = hub.clone();
-            async move { hub.metrics.encode() }
-        }),
-    )
+    axum::Router::new()
+        .route("/metrics", axum::routing::get(scrape))
+        .with_state(hub)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encode_writes_every_metric_in_openmetrics_text() {
+        let m = Metrics::new();
+        m.set_service_up("web", "n1", "web", true);
+        m.set_service_up("db", "n1", "database", false);
+        m.observe_check("http", 250);
+        m.observe_ingest_batch(std::time::Duration::from_millis(3));
+        m.count_results(5, 2);
+        m.set_agents_connected(2);
+        m.command_finished("restart", "succeeded");
+        let text = m.encode();
+        let lines: Vec<&str> = text.lines().collect();
+        for want in [
+            "# TYPE vigil_service_up gauge",
+            "vigil_service_up{service=\"web\",node=\"n1\",category=\"web\"} 1",
+            "vigil_service_up{service=\"db\",node=\"n1\",category=\"database\"} 0",
+            "# TYPE vigil_check_duration_seconds histogram",
+            "# UNIT vigil_check_duration_seconds seconds",
+            "vigil_check_duration_seconds_count{kind=\"http\"} 1",
+            "vigil_check_duration_seconds_sum{kind=\"http\"} 0.25",
+            "vigil_check_duration_seconds_bucket{le=\"0.256\",kind=\"http\"} 1",
+            "vigil_check_duration_seconds_bucket{le=\"0.128\",kind=\"http\"} 0",
+            "# TYPE vigil_results_ingested counter",
+            "vigil_results_ingested_total 5",
+            "vigil_results_duplicate_total 2",
+            "vigil_agents_connected 2",
+            "vigil_commands_total{action=\"restart\",outcome=\"succeeded\"} 1",
+            "vigil_ingest_batch_seconds_count 1",
+            "# EOF",
+        ] {
+            assert!(lines.contains(&want), "missing {want:?} in:\n{text}");
+        }
+        assert_eq!(lines.last(), Some(&"# EOF"));
+    }
+
+    #[test]
+    fn a_service_that_moves_leaves_no_stale_series() {
+        let m = Metrics::new();
+        m.set_service_up("web", "n1", "web", true);
+        m.set_service_up("web", "n2", "web", false);
+        let text = m.encode();
+        assert!(!text.contains("node=\"n1\""), "{text}");
+        assert!(
+            text.contains("vigil_service_up{service=\"web\",node=\"n2\",category=\"web\"} 0"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn bearer_token_is_checked() {
+        let with = |v: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(header::AUTHORIZATION, v.parse().expect("header value"));
+            h
+        };
+        assert!(authorized(&with("Bearer s3cret"), "s3cret"));
+        assert!(authorized(&with("bearer s3cret"), "s3cret"));
+        assert!(!authorized(&with("Bearer s3cre"), "s3cret"));
+        assert!(!authorized(&with("Bearer s3cretx"), "s3cret"));
+        assert!(!authorized(&with("Basic s3cret"), "s3cret"));
+        assert!(!authorized(&with("s3cret"), "s3cret"));
+        assert!(!authorized(&HeaderMap::new(), "s3cret"));
+    }
 }

@@ -543,6 +543,7 @@ async fn after_finish(hub: &Hub, row: &CommandRow) {
         command_id = row.id, service = %row.service_id, action = %row.action, origin = %row.origin,
         status = %row.status, exit_code = ?row.exit_code, "command finished"
     );
+    hub.metrics.command_finished(&row.action, &row.status);
     let cfg = hub.config().await;
     let ok = row.status == "succeeded";
     let mut result = Ok(());

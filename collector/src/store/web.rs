@@ -356,7 +356,7 @@ impl Store {
         let rows = client
             .query(
                 "SELECT day, checks, failures, avg_ms, p95_ms FROM daily_stats
-                 WHERE service_id = $1 AND day > (now() AT TIME ZONE 'UTC')::date - $2
+                 WHERE service_id = $1 AND day > (now() AT TIME ZONE 'UTC')::date - $2::int4
                  ORDER BY day DESC",
                 &[&service_id, &days],
             )

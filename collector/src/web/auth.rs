@@ -8,7 +8,7 @@ use std::sync::Mutex;
 
 use argon2::{PasswordHasher, PasswordVerifier};
 use axum::extract::FromRequestParts;
-use axum::http::{Method, header, request::Parts};
+use axum::http::{HeaderMap, Method, header, request::Parts};
 use rand::RngCore;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
@@ -220,9 +220,8 @@ pub fn session_cookie(id: Option<&str>, ttl: std::time::Duration, secure: bool) 
 }
 
 /// The session id in the request's cookies.
-pub fn session_id(parts: &Parts) -> Option<String> {
-    parts
-        .headers
+pub fn session_id(headers: &HeaderMap) -> Option<String> {
+    headers
         .get_all(header::COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
@@ -235,8 +234,12 @@ pub fn session_id(parts: &Parts) -> Option<String> {
 
 /// The caller of a request, if any credentials were presented and are valid. A session's
 /// state-changing request without the right CSRF token is refused.
-pub async fn identify(parts: &Parts, state: &AppState) -> Result<Option<Caller>, ApiError> {
-    if let Some(auth) = parts.headers.get(header::AUTHORIZATION) {
+pub async fn identify(
+    method: &Method,
+    headers: &HeaderMap,
+    state: &AppState,
+) -> Result<Option<Caller>, ApiError> {
+    if let Some(auth) = headers.get(header::AUTHORIZATION) {
         let token = auth
             .to_str()
             .ok()
@@ -252,7 +255,7 @@ pub async fn identify(parts: &Parts, state: &AppState) -> Result<Option<Caller>,
             )),
         };
     }
-    let Some(id) = session_id(parts) else {
+    let Some(id) = session_id(headers) else {
         return Ok(None);
     };
     let Some(s) = state.hub.store.session(&sha256_hex(&id)).await? else {
@@ -261,10 +264,9 @@ pub async fn identify(parts: &Parts, state: &AppState) -> Result<Option<Caller>,
     let Some(role) = Role::parse(&s.role) else {
         return Ok(None);
     };
-    let safe = matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS);
+    let safe = matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS);
     if !safe {
-        let sent = parts
-            .headers
+        let sent = headers
             .get(CSRF_HEADER)
             .and_then(|v| v.to_str().ok())
             .unwrap_or("");
@@ -286,9 +288,11 @@ impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        identify(parts, state).await?.ok_or_else(|| {
-            ApiError::unauthorized("authentication required: send Authorization: Bearer TOKEN")
-        })
+        identify(&parts.method, &parts.headers, state)
+            .await?
+            .ok_or_else(|| {
+                ApiError::unauthorized("authentication required: send Authorization: Bearer TOKEN")
+            })
     }
 }
 

@@ -77,7 +77,7 @@ impl ApiError {
 
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> ApiError {
-        tracing::error!(error = %e, "API request failed on the database");
+        tracing::error!(error = ?e, "API request failed on the database");
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "unavailable",
