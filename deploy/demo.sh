@@ -140,6 +140,15 @@ cmd_start() {
     done
     [ -n "$ok" ] || { tail -n 20 "$RUN/collector.log" "$RUN/agent.log" >&2; die "no results after 60s"; }
 
+    # A dashboard/API login for the demo (admin), made once and kept in the state directory.
+    if [ ! -s "$STATE/demo-token" ]; then
+        VIGIL_DATABASE_URL="$url" "$BIN/vigil-collector" token create --config "$CONFIG" \
+            --role admin --name "demo-admin-$(date +%s)" >"$STATE/demo-token.tmp" 2>/dev/null \
+            && mv "$STATE/demo-token.tmp" "$STATE/demo-token"
+    fi
+    local token
+    token="$(cat "$STATE/demo-token" 2>/dev/null || echo '(vigil-collector token create failed)')"
+
     echo
     cmd_status
     cat <<MSG
@@ -152,6 +161,12 @@ Vigil is running.
   mineru      the real Mineru case on node gpu-01 -> unknown (no agent there in the demo)
 
 Where to look:
+  dashboard          http://127.0.0.1:8080/   log in with the token below
+  token (admin)      $token
+                     (kept in $STATE/demo-token; more: vigil-collector token create --role viewer ...)
+  REST API           curl -H "Authorization: Bearer $token" http://127.0.0.1:8080/api/services/health
+                     (document: http://127.0.0.1:8080/api/openapi.json)
+  Prometheus         http://127.0.0.1:9464/metrics
   service table      bash deploy/demo.sh status
   logs               $RUN/collector.log  $RUN/agent.log  $RUN/testsvc.log
   the database       psql '$url'

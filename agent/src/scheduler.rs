@@ -542,6 +542,33 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn paused_config_runs_only_on_request_until_resumed() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ob, _notify, mut s) = setup(dir.path());
+        let mut paused = update(1, &[("ok", TRUE)]);
+        paused.paused = true;
+        s.apply(&paused).await;
+        assert!(s.run_now("ok", "operator"));
+        wait_for(&ob, "the requested run", |p| p.len() == 1).await;
+        // Three intervals (plus the first delay) pass with no scheduled run.
+        let until = Instant::now() + Duration::from_secs(4);
+        while Instant::now() < until {
+            let n = ob.pending(0, 100).unwrap().len();
+            assert_eq!(n, 1, "a scheduled check ran while paused");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let p = ob.pending(0, 10).unwrap();
+        assert!(p[0].message.contains("run at once"), "{}", p[0].message);
+        // Resumed: scheduled runs come back.
+        s.apply(&update(2, &[("ok", TRUE)])).await;
+        wait_for(&ob, "a scheduled run after resuming", |p| {
+            p.iter().any(|r| !r.message.contains("run at once"))
+        })
+        .await;
+        s.stop_all().await;
+    }
+
+    #[tokio::test]
     async fn unknown_kind_reports_unknown_with_known_kinds() {
         let dir = tempfile::tempdir().unwrap();
         let (ob, _notify, mut s) = setup(dir.path());

@@ -630,3 +630,72 @@ async fn dashboard_session_needs_csrf_for_changes() -> anyhow::Result<()> {
     s.collector.shutdown().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_cli_creates_lists_and_revokes() -> anyhow::Result<()> {
+    let s = setup().await?;
+    let exe = vigil_tests::binary("vigil-collector")?;
+    let config = s._ws.path().join("collector.yaml");
+    let run = |args: &[&str]| {
+        std::process::Command::new(&exe)
+            .arg("token")
+            .arg("--config")
+            .arg(&config)
+            .args(args)
+            .output()
+    };
+    let out = run(&["create", "--role", "operator", "--name", "ci-bot"])?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let token = String::from_utf8(out.stdout)?.trim().to_string();
+    assert!(token.starts_with("vgl_"), "{token}");
+    // Only a hash is stored.
+    let db = s._db.connect().await?;
+    let hash: String = db
+        .query_one(
+            "SELECT secret_hash FROM api_tokens WHERE name = 'ci-bot'",
+            &[],
+        )
+        .await?
+        .get(0);
+    assert!(hash.starts_with("$argon2id$"), "{hash}");
+    assert!(!token.contains(&hash) && !hash.contains(token.rsplit('_').next().unwrap()));
+    // The token works, with its role.
+    let (st, _) = s.api.get("/api/nodes", &token).await?;
+    assert_eq!(st, StatusCode::OK);
+    assert_error(
+        &s.api
+            .put(
+                "/api/health-check/config",
+                &token,
+                json!({"enabled": true, "interval_minutes": 5, "max_error_count": 3, "retry_after_hours": 1}),
+            )
+            .await?,
+        StatusCode::FORBIDDEN,
+        "forbidden",
+    );
+    // The same name twice is refused; an unknown role too.
+    let dup = run(&["create", "--role", "viewer", "--name", "ci-bot"])?;
+    assert!(!dup.status.success());
+    assert!(String::from_utf8_lossy(&dup.stderr).contains("exists already"));
+    let bad = run(&["create", "--role", "root", "--name", "x"])?;
+    assert!(!bad.status.success());
+    // List shows it without its secret; revoke ends it.
+    let list = String::from_utf8(run(&["list"])?.stdout)?;
+    assert!(
+        list.contains("ci-bot") && list.contains("operator") && list.contains("active"),
+        "{list}"
+    );
+    assert!(!list.contains(&token));
+    assert!(run(&["revoke", "ci-bot"])?.status.success());
+    let list = String::from_utf8(run(&["list"])?.stdout)?;
+    assert!(list.contains("revoked"), "{list}");
+    assert!(!run(&["revoke", "ci-bot"])?.status.success());
+    let (st, _) = s.api.get("/api/nodes", &token).await?;
+    assert_eq!(st, StatusCode::UNAUTHORIZED);
+    s.collector.shutdown().await;
+    Ok(())
+}

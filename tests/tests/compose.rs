@@ -234,6 +234,8 @@ fn compose_deployment_restarts_a_killed_container() -> anyhow::Result<()> {
             ("VIGIL_CONFIG_DIR", config.path().display().to_string()),
             ("VIGIL_DEMO_CONTAINER", container.clone()),
             ("VIGIL_GRPC_PORT", free_port()?.to_string()),
+            ("VIGIL_HTTP_PORT", free_port()?.to_string()),
+            ("VIGIL_METRICS_PORT", free_port()?.to_string()),
             (
                 "VIGIL_DB_PASSWORD",
                 format!("pw-{:016x}", rand::random::<u64>()),
