@@ -61,8 +61,6 @@ enum Command {
     },
     /// API tokens for the REST API and the dashboard login (stored hashed).
     Token {
-        #[arg(long, short)]
-        config: PathBuf,
         #[command(subcommand)]
         command: TokenCommand,
     },
@@ -98,6 +96,8 @@ enum CtlAction {
 enum TokenCommand {
     /// Create a token and print it (once: only its hash is kept).
     Create {
+        #[arg(long, short)]
+        config: PathBuf,
         /// viewer reads; operator also starts/stops/restarts/checks; admin also changes the
         /// health-check config.
         #[arg(long, value_parser = ["viewer", "operator", "admin"])]
@@ -107,9 +107,16 @@ enum TokenCommand {
         name: String,
     },
     /// List tokens (never their secrets).
-    List,
+    List {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
     /// Revoke a token by name; its dashboard sessions end at once.
-    Revoke { name: String },
+    Revoke {
+        #[arg(long, short)]
+        config: PathBuf,
+        name: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -181,7 +188,7 @@ async fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Token { config, command } => token(config, command).await,
+        Command::Token { command } => token(command).await,
         Command::Ca { command } => match command {
             CaCommand::Init { dir, hosts } => {
                 for f in ca::init(&dir, &hosts)? {
@@ -332,12 +339,15 @@ async fn ctl(
     }
 }
 
-async fn token(path: PathBuf, command: TokenCommand) -> anyhow::Result<()> {
+async fn token(command: TokenCommand) -> anyhow::Result<()> {
     use vigil_collector::web::auth::{Role, create_token};
-    let cfg = Config::load(&path)?;
+    let (TokenCommand::Create { config: path, .. }
+    | TokenCommand::List { config: path }
+    | TokenCommand::Revoke { config: path, .. }) = &command;
+    let cfg = Config::load(path)?;
     let store = Store::connect(&cfg.database_url, 1).await?;
     match command {
-        TokenCommand::Create { role, name } => {
+        TokenCommand::Create { role, name, .. } => {
             if name.trim().is_empty() || name.len() > 64 {
                 anyhow::bail!("--name must be 1 to 64 characters");
             }
@@ -349,7 +359,7 @@ async fn token(path: PathBuf, command: TokenCommand) -> anyhow::Result<()> {
             );
             println!("{token}");
         }
-        TokenCommand::List => {
+        TokenCommand::List { .. } => {
             let rows = store.tokens().await?;
             println!(
                 "{:<5} {:<24} {:<9} {:<20} {:<20} STATE",
@@ -374,7 +384,7 @@ async fn token(path: PathBuf, command: TokenCommand) -> anyhow::Result<()> {
                 );
             }
         }
-        TokenCommand::Revoke { name } => {
+        TokenCommand::Revoke { name, .. } => {
             if !store.revoke_token(&name).await? {
                 anyhow::bail!("no active token named {name:?} (see `token list`)");
             }

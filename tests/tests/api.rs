@@ -639,9 +639,9 @@ async fn token_cli_creates_lists_and_revokes() -> anyhow::Result<()> {
     let run = |args: &[&str]| {
         std::process::Command::new(&exe)
             .arg("token")
+            .args(args)
             .arg("--config")
             .arg(&config)
-            .args(args)
             .output()
     };
     let out = run(&["create", "--role", "operator", "--name", "ci-bot"])?;

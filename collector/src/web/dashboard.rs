@@ -279,7 +279,7 @@ fn timeline(
         svg.timeline viewBox="0 0 1000 24" preserveAspectRatio="none" role="img" aria-label="state over the last 24 hours" {
             @for (a, b, st) in segments {
                 rect class={ "st-" (st) } x=(format!("{:.1}", x(*a))) y="0" width=(format!("{:.1}", (x(*b) - x(*a)).max(0.5))) height="24" {
-                    title { (st) " from " (a.format("%H:%M:%S")) " to " (b.format("%H:%M:%S")) }
+                    title { (st) " from " (a.format("%m-%d %H:%M:%S")) " to " (b.format("%m-%d %H:%M:%S")) }
                 }
             }
         }
