@@ -38,6 +38,8 @@ command -v cargo >/dev/null 2>&1 || die "cargo not found: install the Rust toolc
 needed=(
     "cc:gcc"
     "runuser:util-linux"
+    "chromium:chromium"
+    "chromedriver:chromium-driver"
 )
 missing=()
 for pair in "${needed[@]}"; do

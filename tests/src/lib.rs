@@ -2,6 +2,7 @@
 //! behaves like the things Vigil monitors ([`testsvc`]), certificates, and an in-process collector
 //! and agents on `127.0.0.1:0` wired together over real mTLS.
 
+pub mod browser;
 pub mod docker;
 pub mod pg;
 pub mod sshd;
