@@ -156,7 +156,17 @@ async fn services_page(
     let rows = state.hub.store.health(None, true).await?;
     let cfg = state.hub.config().await;
     let now = Utc::now();
-    let list: Vec<ServiceHealth> = rows.iter().map(|r| service_health(&cfg, r, now)).collect();
+    let mut list: Vec<ServiceHealth> = rows.iter().map(|r| service_health(&cfg, r, now)).collect();
+    // Problems first: what needs a look at 3 a.m. is at the top.
+    let rank = |s: &str| match s {
+        "abnormal" => 0,
+        "flapping" => 1,
+        "unknown" => 2,
+        "paused" => 3,
+        "stopped" => 4,
+        _ => 5,
+    };
+    list.sort_by(|a, b| (rank(&a.status), &a.node, &a.id).cmp(&(rank(&b.status), &b.node, &b.id)));
     let mut counts: HashMap<&str, usize> = HashMap::new();
     for h in &list {
         *counts.entry(h.status.as_str()).or_default() += 1;
@@ -202,7 +212,7 @@ async fn services_page(
                 tbody {
                     @for h in &list {
                         tr data-service=(h.id) data-category=(h.category) data-node=(h.node) data-status=(h.status) {
-                            td { a href={ "/services/" (h.id) } { strong { (h.name) } } div.muted { (h.description) } }
+                            td { a href={ "/services/" (h.id) } { strong { (h.name) } } div.muted title=(h.description) { (h.description) } }
                             td { (h.node) }
                             td.mono { (h.target) }
                             td { (h.category) }
@@ -278,7 +288,7 @@ fn timeline(
     html! {
         svg.timeline viewBox="0 0 1000 24" preserveAspectRatio="none" role="img" aria-label="state over the last 24 hours" {
             @for (a, b, st) in segments {
-                rect class={ "st-" (st) } x=(format!("{:.1}", x(*a))) y="0" width=(format!("{:.1}", (x(*b) - x(*a)).max(0.5))) height="24" {
+                rect class={ "st-" (st) } x=(format!("{:.1}", x(*a))) y="0" width=(format!("{:.1}", (x(*b) - x(*a)).max(2.0))) height="24" {
                     title { (st) " from " (a.format("%m-%d %H:%M:%S")) " to " (b.format("%m-%d %H:%M:%S")) }
                 }
             }
