@@ -123,6 +123,17 @@ pub struct SettingRow {
     pub updated_by: String,
 }
 
+fn event_row(r: &tokio_postgres::Row) -> EventRow {
+    EventRow {
+        id: r.get(0),
+        at: r.get(1),
+        kind: r.get(2),
+        from_state: r.get(3),
+        to_state: r.get(4),
+        reason: r.get(5),
+    }
+}
+
 fn status_name(code: i16) -> &'static str {
     match code {
         0 => "ok",
@@ -244,17 +255,7 @@ impl Store {
                 &[&service_id, &before, &limit],
             )
             .await?;
-        Ok(rows
-            .iter()
-            .map(|r| EventRow {
-                id: r.get(0),
-                at: r.get(1),
-                kind: r.get(2),
-                from_state: r.get(3),
-                to_state: r.get(4),
-                reason: r.get(5),
-            })
-            .collect())
+        Ok(rows.iter().map(event_row).collect())
     }
 
     /// The state of a service at `at` (the last state event before it), if any event says so.
@@ -288,17 +289,7 @@ impl Store {
                 &[&service_id, &since],
             )
             .await?;
-        Ok(rows
-            .iter()
-            .map(|r| EventRow {
-                id: r.get(0),
-                at: r.get(1),
-                kind: r.get(2),
-                from_state: r.get(3),
-                to_state: r.get(4),
-                reason: r.get(5),
-            })
-            .collect())
+        Ok(rows.iter().map(event_row).collect())
     }
 
     /// Every node the collector knows, configured ones first.
