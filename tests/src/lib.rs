@@ -147,6 +147,16 @@ pub fn true_service(id: &str, node: &str) -> String {
     )
 }
 
+/// A controllable `web` service for `node` named "Web front": its check runs `/bin/true` every
+/// second and its start, stop and restart run `/bin/true`.
+pub fn web_front_service(id: &str, node: &str) -> String {
+    format!(
+        "id: {id}\nname: Web front\ncategory: web\nnode: {node}\ndescription: the front page\n\
+         check:\n  type: command\n  interval: 1s\n  argv: [\"/bin/true\"]\n\
+         control:\n  start: [[\"/bin/true\"]]\n  stop: [[\"/bin/true\"]]\n  restart: [[\"/bin/true\"]]\n"
+    )
+}
+
 /// Loads an agent config and starts the agent in-process.
 pub async fn start_agent(path: &Path) -> anyhow::Result<AgentHandle> {
     Ok(Agent::start(AgentConfig::load(path)?).await?)

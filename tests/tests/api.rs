@@ -82,12 +82,7 @@ async fn setup() -> anyhow::Result<Setup> {
     let db = pg::test_db().await?;
     let ws = Workspace::new()?;
     ws.issue("n1")?;
-    ws.write_service(
-        "web",
-        "id: web\nname: Web front\ncategory: web\nnode: n1\ndescription: the front page\n\
-         check:\n  type: command\n  interval: 1s\n  argv: [\"/bin/true\"]\n\
-         control:\n  start: [[\"/bin/true\"]]\n  stop: [[\"/bin/true\"]]\n  restart: [[\"/bin/true\"]]\n",
-    )?;
+    ws.write_service("web", &vigil_tests::web_front_service("web", "n1"))?;
     // Sets its interval but not `after`: the runtime max_error_count applies to it.
     ws.write_service(
         "broken",

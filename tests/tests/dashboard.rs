@@ -22,12 +22,7 @@ async fn login_live_updates_and_restart() -> anyhow::Result<()> {
     let db = pg::test_db().await?;
     let ws = Workspace::new()?;
     ws.issue("n1")?;
-    ws.write_service(
-        "web",
-        "id: web\nname: Web front\ncategory: web\nnode: n1\ndescription: the front page\n\
-         check:\n  type: command\n  interval: 1s\n  argv: [\"/bin/true\"]\n\
-         control:\n  start: [[\"/bin/true\"]]\n  stop: [[\"/bin/true\"]]\n  restart: [[\"/bin/true\"]]\n",
-    )?;
+    ws.write_service("web", &vigil_tests::web_front_service("web", "n1"))?;
     ws.write_service(
         "db",
         "id: db\nname: Database\ncategory: system\nnode: n1\n\

@@ -579,17 +579,21 @@ pub struct NewCommand<'a> {
     pub deadline: DateTime<Utc>,
 }
 
-/// A row of `commands`.
-#[derive(Debug, Clone, PartialEq)]
+/// A row of `commands` (also what the API answers for a command).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, utoipa::ToSchema)]
 pub struct CommandRow {
     pub id: i64,
     pub service_id: String,
     pub node: String,
+    /// start | stop | restart | check
     pub action: String,
+    /// auto | manual
     pub origin: String,
     pub requested_by: String,
     pub reason: String,
+    /// agent | ssh, once sent
     pub via: Option<String>,
+    /// pending | sent | succeeded | failed | timed_out
     pub status: String,
     pub attempt: i32,
     pub created_at: DateTime<Utc>,

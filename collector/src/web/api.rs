@@ -253,54 +253,6 @@ async fn one_health(
     )))
 }
 
-/// A command as the API shows it.
-#[derive(Debug, Clone, Serialize, ToSchema)]
-pub struct CommandView {
-    pub id: i64,
-    pub service_id: String,
-    pub node: String,
-    /// start | stop | restart | check
-    pub action: String,
-    /// auto | manual
-    pub origin: String,
-    pub requested_by: String,
-    pub reason: String,
-    /// agent | ssh, once sent
-    pub via: Option<String>,
-    /// pending | sent | succeeded | failed | timed_out
-    pub status: String,
-    pub attempt: i32,
-    pub created_at: DateTime<Utc>,
-    pub sent_at: Option<DateTime<Utc>>,
-    pub finished_at: Option<DateTime<Utc>>,
-    pub deadline: DateTime<Utc>,
-    pub exit_code: Option<i32>,
-    pub output: String,
-}
-
-impl From<CommandRow> for CommandView {
-    fn from(c: CommandRow) -> CommandView {
-        CommandView {
-            id: c.id,
-            service_id: c.service_id,
-            node: c.node,
-            action: c.action,
-            origin: c.origin,
-            requested_by: c.requested_by,
-            reason: c.reason,
-            via: c.via,
-            status: c.status,
-            attempt: c.attempt,
-            created_at: c.created_at,
-            sent_at: c.sent_at,
-            finished_at: c.finished_at,
-            deadline: c.deadline,
-            exit_code: c.exit_code,
-            output: c.output,
-        }
-    }
-}
-
 /// The result of a check run on request.
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct CheckNow {
@@ -313,7 +265,7 @@ pub struct CheckNow {
 /// A force-check: the command and, once it finished, the check's result.
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct ForceCheck {
-    pub command: CommandView,
+    pub command: CommandRow,
     /// Null while the check is still running (HTTP 202) or when it could not run.
     pub result: Option<CheckNow>,
 }
@@ -393,7 +345,7 @@ async fn force_check(
             return Ok((
                 StatusCode::OK,
                 Json(ForceCheck {
-                    command: cmd.into(),
+                    command: cmd,
                     result,
                 }),
             ));
@@ -402,7 +354,7 @@ async fn force_check(
             return Ok((
                 StatusCode::ACCEPTED,
                 Json(ForceCheck {
-                    command: cmd.into(),
+                    command: cmd,
                     result: None,
                 }),
             ));
@@ -538,14 +490,14 @@ async fn act(
 }
 
 #[utoipa::path(get, path = "/api/commands/{id}", params(("id" = i64, Path)),
-    responses((status = 200, body = CommandView), (status = 404, body = ErrorBody)),
+    responses((status = 200, body = CommandRow), (status = 404, body = ErrorBody)),
     security(("bearer" = [])), tag = "control")]
 /// A command and its outcome.
 async fn command(
     State(state): State<AppState>,
     caller: Caller,
     id: Result<Path<i64>, PathRejection>,
-) -> Result<Json<CommandView>, ApiError> {
+) -> Result<Json<CommandRow>, ApiError> {
     caller.require(Role::Viewer)?;
     let id = path(id)?;
     let cmd = state
@@ -554,7 +506,7 @@ async fn command(
         .command(id)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("no command {id}")))?;
-    Ok(Json(cmd.into()))
+    Ok(Json(cmd))
 }
 
 const MAX_PAGE: i64 = 1000;
@@ -663,7 +615,7 @@ async fn events(
 }
 
 #[utoipa::path(get, path = "/api/services/{id}/commands", params(("id" = String, Path), PageQuery),
-    responses((status = 200, body = [CommandView]), (status = 404, body = ErrorBody)),
+    responses((status = 200, body = [CommandRow]), (status = 404, body = ErrorBody)),
     security(("bearer" = [])), tag = "control")]
 /// A service's recent commands, newest first.
 async fn service_commands(
@@ -671,14 +623,14 @@ async fn service_commands(
     caller: Caller,
     id: Result<Path<String>, PathRejection>,
     q: Result<Query<PageQuery>, QueryRejection>,
-) -> Result<Json<Vec<CommandView>>, ApiError> {
+) -> Result<Json<Vec<CommandRow>>, ApiError> {
     caller.require(Role::Viewer)?;
     let id = path(id)?;
     let q = query(q)?;
     let limit = page_limit(q.limit, 50)?;
     known(&state, &id).await?;
     let rows = state.hub.store.commands_of(&id, limit).await?;
-    Ok(Json(rows.into_iter().map(Into::into).collect()))
+    Ok(Json(rows))
 }
 
 #[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
@@ -775,7 +727,7 @@ impl utoipa::Modify for SecurityAddon {
         viewer reads; operator also acts on services; admin also changes the health-check config."),
     paths(list_health, one_health, force_check, get_config, put_config, act, command, results,
           events, service_commands, daily, nodes),
-    components(schemas(ErrorBody, ServiceHealth, CommandView, CheckNow, ForceCheck, HealthConfigBody,
+    components(schemas(ErrorBody, ServiceHealth, CommandRow, CheckNow, ForceCheck, HealthConfigBody,
                        HealthConfigView, CommandCreated, ResultsPage, EventsPage, ResultRow, EventRow,
                        DailyRow, NodeRow, NodeView)),
     modifiers(&SecurityAddon)
