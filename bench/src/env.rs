@@ -375,7 +375,10 @@ pub struct ProcSample {
     /// cutime + cstime (reaped children), in seconds.
     pub children_cpu_s: f64,
     pub rss_kb: u64,
+    /// The part of `rss_kb` that is heap and stacks (the rest: the mapped binary and libraries).
+    pub rss_anon_kb: u64,
     pub hwm_kb: u64,
+    pub threads: u64,
     pub at: Option<Instant>,
 }
 
@@ -407,7 +410,9 @@ pub fn sample(pid: u32) -> anyhow::Result<ProcSample> {
         cpu_s: (num(14) + num(15)) / tck,
         children_cpu_s: (num(16) + num(17)) / tck,
         rss_kb: kb("VmRSS:"),
+        rss_anon_kb: kb("RssAnon:"),
         hwm_kb: kb("VmHWM:"),
+        threads: kb("Threads:"),
         at: Some(Instant::now()),
     })
 }

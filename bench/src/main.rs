@@ -850,13 +850,17 @@ async fn agent(cli: &Cli, pg: &Pg) -> anyhow::Result<String> {
     tokio::time::sleep(settle).await;
     let s0 = env::sample(pid).context("the agent exited")?;
     let mut rss_sum = 0u64;
+    let mut anon_sum = 0u64;
     let mut rss_max = 0u64;
+    let mut threads_max = 0u64;
     let mut samples = 0u64;
     let end = Instant::now() + Duration::from_secs_f64(duration);
     while Instant::now() < end {
         let x = env::sample(pid).context("the agent exited")?;
         rss_sum += x.rss_kb;
+        anon_sum += x.rss_anon_kb;
         rss_max = rss_max.max(x.rss_kb);
+        threads_max = threads_max.max(x.threads);
         samples += 1;
         tokio::time::sleep(Duration::from_secs(1).min(end - Instant::now())).await;
     }
@@ -892,6 +896,13 @@ async fn agent(cli: &Cli, pg: &Pg) -> anyhow::Result<String> {
         rss_max as f64 / 1024.0,
         s1.hwm_kb as f64 / 1024.0
     )?;
+    writeln!(
+        s,
+        "| of which heap and stacks (RssAnon) avg / mapped files (binary, libraries) avg | {:.1} / {:.1} MiB |",
+        anon_sum as f64 / samples.max(1) as f64 / 1024.0,
+        (rss_sum - anon_sum) as f64 / samples.max(1) as f64 / 1024.0
+    )?;
+    writeln!(s, "| threads (most seen) | {threads_max} |")?;
     writeln!(s, "| CPU, agent process | **{own:.3} %** of one core |")?;
     writeln!(
         s,

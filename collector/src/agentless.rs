@@ -153,7 +153,13 @@ async fn run_service(
         let th = std::iter::once((svc.id.clone(), svc.thresholds)).collect();
         match hub
             .store
-            .ingest(&node.name, epoch, std::slice::from_ref(&result), &th)
+            .ingest(
+                &node.name,
+                epoch,
+                std::slice::from_ref(&result),
+                &th,
+                crate::store::Dedupe::PerResult,
+            )
             .await
         {
             Ok(report) => crate::grpc::after_ingest(&hub, &node.name, &report).await,

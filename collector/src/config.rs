@@ -448,6 +448,14 @@ pub struct Config {
     pub settings: Option<HealthSettings>,
     /// Each node's services and their thresholds, built once at load (ingest reads it per batch).
     thresholds_by_node: HashMap<String, std::sync::Arc<HashMap<String, Thresholds>>>,
+    /// Position of each service in `services` by id (ingest looks a service up per result).
+    service_at: HashMap<String, usize>,
+    /// Position of each node in `nodes` by name.
+    node_at: HashMap<String, usize>,
+}
+
+fn positions<'a>(names: impl Iterator<Item = &'a str>) -> HashMap<String, usize> {
+    names.enumerate().map(|(i, n)| (n.to_string(), i)).collect()
 }
 
 fn index_thresholds(
@@ -664,6 +672,8 @@ impl Config {
 
         Ok(Config {
             thresholds_by_node: index_thresholds(&services),
+            service_at: positions(services.iter().map(|s| s.id.as_str())),
+            node_at: positions(file.nodes.iter().map(|n| n.name.as_str())),
             http: file.http,
             metrics: file.metrics,
             metrics_token,
@@ -825,11 +835,11 @@ impl Config {
     }
 
     pub fn node(&self, name: &str) -> Option<&NodeConfig> {
-        self.nodes.iter().find(|n| n.name == name)
+        self.node_at.get(name).map(|&i| &self.nodes[i])
     }
 
     pub fn service(&self, id: &str) -> Option<&Service> {
-        self.services.iter().find(|s| s.id == id)
+        self.service_at.get(id).map(|&i| &self.services[i])
     }
 }
 

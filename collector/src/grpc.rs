@@ -462,7 +462,7 @@ async fn ingest(hub: &Hub, node: &str, batch: v1::ResultBatch, tx: &Tx) -> Resul
     let started = std::time::Instant::now();
     let report = hub
         .store
-        .ingest(node, batch.outbox_epoch, &results, &thresholds)
+        .ingest(node, batch.outbox_epoch, &results, &thresholds, crate::store::Dedupe::Outbox)
         .await
         .map_err(|e| {
             tracing::error!(%node, error = %e, "cannot store results; the agent keeps them and will resend");

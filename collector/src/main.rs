@@ -7,6 +7,11 @@ use clap::{Parser, Subcommand};
 use tokio::signal::unix::{SignalKind, signal};
 use vigil_collector::{Collector, Config, Store, ca, status};
 
+/// mimalloc instead of glibc malloc: ingest allocates per result on every worker thread, and glibc's
+/// arenas spent about a quarter of the collector's CPU under load (BENCHMARKS.md).
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// The Vigil collector: receives check results from agents over mutually authenticated gRPC,
 /// stores them in PostgreSQL and keeps the state of every service.
 #[derive(Parser)]

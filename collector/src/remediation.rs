@@ -355,7 +355,13 @@ async fn run_over_ssh(
         let map = std::iter::once((svc.id.clone(), svc.thresholds)).collect();
         match hub
             .store
-            .ingest(&node.name, 0, std::slice::from_ref(&result), &map)
+            .ingest(
+                &node.name,
+                0,
+                std::slice::from_ref(&result),
+                &map,
+                crate::store::Dedupe::PerResult,
+            )
             .await
         {
             Ok(report) => crate::grpc::after_ingest(hub, &node.name, &report).await,
@@ -505,7 +511,13 @@ pub async fn on_agent_result(hub: &Hub, node: &str, r: v1::CommandResult) {
             // Epoch 0 is reserved for check-now results; the command id keeps them unique.
             match hub
                 .store
-                .ingest(node, 0, std::slice::from_ref(&result), &map)
+                .ingest(
+                    node,
+                    0,
+                    std::slice::from_ref(&result),
+                    &map,
+                    crate::store::Dedupe::PerResult,
+                )
                 .await
             {
                 Ok(report) => crate::grpc::after_ingest(hub, node, &report).await,

@@ -1,4 +1,5 @@
-//! The agent protocol spoken directly (no agent): re-sent results are stored once, a stream
+//! The agent protocol spoken directly (no agent): re-sent results are stored once (also when an
+//! older collector stored some without `outbox_progress`), a stream
 //! without a client certificate gets a gRPC error, health answers without one, and oversized or
 //! invalid messages are refused without harm.
 
@@ -188,6 +189,58 @@ async fn resent_results_are_stored_once_and_counted_once() -> anyhow::Result<()>
         events,
         vec!["unknown->failing", "failing->down", "down->healthy"]
     );
+    collector.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_stored_without_outbox_progress_are_not_stored_twice() -> anyhow::Result<()> {
+    let (db, ws, collector) = setup().await?;
+    let client = db.connect().await?;
+    // Seqs 3 and 7 of this outbox stored the way a collector of an older version stored them:
+    // in check_results, with no outbox_progress row. The batch's COPY meets the unique key, is
+    // rolled back, and the batch is stored result by result.
+    client
+        .execute(
+            "INSERT INTO check_results (node, outbox_epoch, seq, service_id, started_at, duration_ms,
+                                        status, message)
+             SELECT 'n1', $1, s, 'svc', now(), 1, 2, 'stored before' FROM unnest(ARRAY[3, 7]::int8[]) s",
+            &[&(EPOCH as i64)],
+        )
+        .await?;
+    let ch = channel(&ws, &collector, Some("n1")).await?;
+    let acks = send_and_acks(ch.clone(), vec![batch(1..=10, v1::Status::Critical)], 10).await?;
+    assert_eq!(acks, vec![10]);
+    // A later batch overlapping the stored seqs (6..=10 again, 11..=12 new) takes the COPY path.
+    let acks = send_and_acks(ch, vec![batch(6..=12, v1::Status::Critical)], 12).await?;
+    assert_eq!(acks, vec![12]);
+    let row = client
+        .query_one(
+            "SELECT count(*), count(DISTINCT seq), count(*) FILTER (WHERE message = 'stored before')
+             FROM check_results WHERE node = 'n1' AND outbox_epoch = $1",
+            &[&(EPOCH as i64)],
+        )
+        .await?;
+    let counts: (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
+    assert_eq!(counts, (12, 12, 2), "every seq once; the older rows kept");
+    let stored: i64 = client
+        .query_one(
+            "SELECT stored_seq FROM outbox_progress WHERE node = 'n1' AND outbox_epoch = $1",
+            &[&(EPOCH as i64)],
+        )
+        .await?
+        .get(0);
+    assert_eq!(stored, 12);
+    // Only the 10 results this collector inserted count toward the state (not 3 and 7, not the
+    // re-sent 6..=10).
+    let failures: i32 = client
+        .query_one(
+            "SELECT consecutive_failures FROM service_state WHERE service_id = 'svc'",
+            &[],
+        )
+        .await?
+        .get(0);
+    assert_eq!(failures, 10);
     collector.shutdown().await;
     Ok(())
 }

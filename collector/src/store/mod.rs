@@ -1,7 +1,6 @@
 //! PostgreSQL store: migrations, config sync, idempotent result ingest with state evaluation in
 //! the same transaction, node sessions, and the status query. The only module that issues SQL.
 
-use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -9,9 +8,11 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use tokio_postgres::NoTls;
 use vigil_checks::{Metric, Status};
 
-use crate::config::{Config, Thresholds};
-use crate::state::{FlapChange, State, Tracker, Transition};
+use crate::config::Config;
+use crate::state::{FlapChange, State, Transition};
 
+mod ingest;
+pub use ingest::Dedupe;
 mod web;
 pub use web::*;
 
@@ -30,6 +31,8 @@ pub enum StoreError {
     },
     #[error("database pool: {0}")]
     Pool(#[from] deadpool_postgres::PoolError),
+    #[error("no database connection free for passing results within {0:?}")]
+    Busy(Duration),
     #[error("database: {0}")]
     Sql(#[from] tokio_postgres::Error),
     #[error("migrations failed: {0}")]
@@ -96,6 +99,21 @@ pub fn status_code(s: Status) -> i16 {
 #[derive(Clone)]
 pub struct Store {
     pool: Pool,
+    /// Held by a batch whose results all pass while it is written: such batches use at most
+    /// `pool_size - reserved` connections, so that under a backlog of them a failing result (the
+    /// one that may cross a threshold) and the command it causes still find a connection at once.
+    bulk: std::sync::Arc<tokio::sync::Semaphore>,
+}
+
+/// Connections batches of passing results leave for everything else (failing results, commands,
+/// the API): 2 of a pool of 4 or more, 1 of 2 or 3, none of 1.
+fn bulk_permits(pool_size: usize) -> usize {
+    let reserved = match pool_size {
+        0 | 1 => 0,
+        2 | 3 => 1,
+        _ => 2,
+    };
+    (pool_size - reserved).max(1)
 }
 
 /// "host:port/db" of a URL, for messages (never the password).
@@ -157,7 +175,10 @@ impl Store {
             .recycle_timeout(Some(Duration::from_secs(5)))
             .build()
             .map_err(|e| StoreError::Url(e.to_string()))?;
-        Ok(Store { pool })
+        Ok(Store {
+            pool,
+            bulk: std::sync::Arc::new(tokio::sync::Semaphore::new(bulk_permits(pool_size))),
+        })
     }
 
     /// Makes the nodes and services tables match the config; services no longer configured are
@@ -245,290 +266,6 @@ impl Store {
                 .await?;
         }
         Ok(())
-    }
-
-    /// Stores a batch from one node in one transaction: results new to the database are inserted
-    /// (a re-sent result is skipped), the state of their services is advanced, and transitions
-    /// become events. When this returns Ok everything is committed.
-    pub async fn ingest(
-        &self,
-        node: &str,
-        epoch: u64,
-        results: &[ResultIn],
-        thresholds: &HashMap<String, Thresholds>,
-    ) -> Result<IngestReport, StoreError> {
-        let mut report = IngestReport::default();
-        if results.is_empty() {
-            return Ok(report);
-        }
-        let n = results.len();
-        let mut seqs = Vec::with_capacity(n);
-        let mut services = Vec::with_capacity(n);
-        let mut started = Vec::with_capacity(n);
-        let mut durations = Vec::with_capacity(n);
-        let mut statuses = Vec::with_capacity(n);
-        let mut messages = Vec::with_capacity(n);
-        let mut metrics = Vec::with_capacity(n);
-        let mut outputs = Vec::with_capacity(n);
-        let mut versions = Vec::with_capacity(n);
-        for r in results {
-            seqs.push(r.seq as i64);
-            services.push(r.service_id.as_str());
-            started.push(r.started_at);
-            durations.push(r.duration_ms.min(i32::MAX as u32) as i32);
-            statuses.push(status_code(r.status));
-            messages.push(r.message.as_str());
-            // Serialized straight into the parameter (no serde_json::Value in between).
-            metrics.push(tokio_postgres::types::Json(&r.metrics));
-            outputs.push(r.output.as_str());
-            versions.push(r.config_version as i64);
-        }
-        let epoch = epoch as i64;
-
-        let mut client = self.pool.get().await?;
-        let tx = client.transaction().await?;
-        // Prepared once per pooled connection (a parse and plan per statement otherwise).
-        let insert = tx
-            .prepare_cached(
-                "INSERT INTO check_results (node, outbox_epoch, seq, service_id, started_at, duration_ms,
-                                            status, message, metrics, output, config_version)
-                 SELECT $1, $2, * FROM UNNEST($3::int8[], $4::text[], $5::timestamptz[], $6::int4[],
-                                              $7::int2[], $8::text[], $9::jsonb[], $10::text[], $11::int8[])
-                 ON CONFLICT (node, outbox_epoch, seq) DO NOTHING
-                 RETURNING seq",
-            )
-            .await?;
-        let lock = tx
-            .prepare_cached(
-                "SELECT service_id, state, consecutive_failures, consecutive_successes,
-                        history, history_len, flapping, grace_until, mode
-                 FROM service_state WHERE service_id = ANY($1) ORDER BY service_id FOR UPDATE",
-            )
-            .await?;
-        // The services this batch may advance, locked in id order while the results are
-        // inserted (one round trip for both). A service whose results all turn out to be
-        // re-sent is locked but left as it is.
-        let mut ids: Vec<&str> = results
-            .iter()
-            .filter(|r| thresholds.contains_key(&r.service_id))
-            .map(|r| r.service_id.as_str())
-            .collect();
-        ids.sort_unstable();
-        ids.dedup();
-        let insert_params: [&(dyn tokio_postgres::types::ToSql + Sync); 11] = [
-            &node, &epoch, &seqs, &services, &started, &durations, &statuses, &messages, &metrics,
-            &outputs, &versions,
-        ];
-        let (rows, mut locked) = if ids.is_empty() {
-            (tx.query(&insert, &insert_params).await?, Vec::new())
-        } else {
-            let lock_params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&ids];
-            tokio::try_join!(
-                tx.query(&insert, &insert_params),
-                tx.query(&lock, &lock_params)
-            )?
-        };
-        let fresh: HashSet<i64> = rows.iter().map(|r| r.get(0)).collect();
-        report.inserted = fresh.len();
-        report.duplicates = n - fresh.len();
-
-        // Advance the state of the services that got new results, in seq order.
-        let mut new: Vec<&ResultIn> = results
-            .iter()
-            .filter(|r| fresh.contains(&(r.seq as i64)) && thresholds.contains_key(&r.service_id))
-            .collect();
-        new.sort_by_key(|r| r.seq);
-        if !new.is_empty() {
-            if locked.len() < ids.len() {
-                // Normally sync_config created every row; a service added since gets one now.
-                let ensure = tx
-                    .prepare_cached(
-                        "INSERT INTO service_state (service_id) SELECT * FROM UNNEST($1::text[])
-                         ON CONFLICT DO NOTHING",
-                    )
-                    .await?;
-                tx.execute(&ensure, &[&ids]).await?;
-                locked = tx.query(&lock, &[&ids]).await?;
-            }
-            struct Slot {
-                tracker: Tracker,
-                changed: bool,
-                grace_until: Option<DateTime<Utc>>,
-                became_healthy: bool,
-                mode: String,
-            }
-            let mut slots: HashMap<String, Slot> = HashMap::new();
-            for row in locked {
-                let state: String = row.get(1);
-                slots.insert(
-                    row.get(0),
-                    Slot {
-                        tracker: Tracker {
-                            state: State::parse(&state).unwrap_or(State::Unknown),
-                            consecutive_failures: row.get::<_, i32>(2).max(0) as u32,
-                            consecutive_successes: row.get::<_, i32>(3).max(0) as u32,
-                            history: row.get::<_, i64>(4) as u64,
-                            history_len: row.get::<_, i32>(5).max(0) as u32,
-                            flapping: row.get(6),
-                        },
-                        changed: false,
-                        grace_until: row.get(7),
-                        became_healthy: false,
-                        mode: row.get(8),
-                    },
-                );
-            }
-            let mut last: HashMap<&str, &ResultIn> = HashMap::new();
-            let mut last_failure: HashMap<&str, &ResultIn> = HashMap::new();
-            for r in &new {
-                let Some(slot) = slots.get_mut(&r.service_id) else {
-                    continue;
-                };
-                let up = r.status.is_up();
-                last.insert(&r.service_id, r);
-                if !up {
-                    last_failure.insert(&r.service_id, r);
-                    // A failure during the grace period after a restart does not count.
-                    if slot.grace_until.is_some_and(|g| r.started_at < g) {
-                        continue;
-                    }
-                }
-                let (t, flap) = slot
-                    .tracker
-                    .observe_all(up, &r.message, thresholds[&r.service_id]);
-                if let Some(t) = t {
-                    slot.changed = true;
-                    slot.became_healthy = t.to == State::Healthy;
-                    report.transitions.push((r.service_id.clone(), t));
-                }
-                if let Some(f) = flap {
-                    report.flaps.push((r.service_id.clone(), f));
-                }
-            }
-            // Every touched service in one UPDATE ... FROM UNNEST.
-            let mut u_id = Vec::with_capacity(last.len());
-            let mut u_state = Vec::with_capacity(last.len());
-            let mut u_changed = Vec::with_capacity(last.len());
-            let mut u_cf = Vec::with_capacity(last.len());
-            let mut u_cs = Vec::with_capacity(last.len());
-            let mut u_status = Vec::with_capacity(last.len());
-            let mut u_at = Vec::with_capacity(last.len());
-            let mut u_ms = Vec::with_capacity(last.len());
-            let mut u_msg = Vec::with_capacity(last.len());
-            let mut u_err: Vec<Option<&str>> = Vec::with_capacity(last.len());
-            let mut u_err_at: Vec<Option<DateTime<Utc>>> = Vec::with_capacity(last.len());
-            let mut u_hist = Vec::with_capacity(last.len());
-            let mut u_hlen = Vec::with_capacity(last.len());
-            let mut u_flap = Vec::with_capacity(last.len());
-            let mut u_healthy = Vec::with_capacity(last.len());
-            let mut touched: Vec<(&str, &ResultIn)> = last.into_iter().collect();
-            touched.sort_unstable_by_key(|(id, _)| *id);
-            for (id, r) in &touched {
-                let slot = &slots[*id];
-                let t = slot.tracker;
-                let fail = last_failure.get(id);
-                u_id.push(*id);
-                u_state.push(t.state.as_str());
-                u_changed.push(slot.changed);
-                u_cf.push(t.consecutive_failures.min(i32::MAX as u32) as i32);
-                u_cs.push(t.consecutive_successes.min(i32::MAX as u32) as i32);
-                u_status.push(status_code(r.status));
-                u_at.push(r.started_at);
-                u_ms.push(r.duration_ms.min(i32::MAX as u32) as i32);
-                u_msg.push(r.message.as_str());
-                u_err.push(fail.map(|f| f.message.as_str()));
-                u_err_at.push(fail.map(|f| f.started_at));
-                u_hist.push(t.history as i64);
-                u_hlen.push(t.history_len as i32);
-                u_flap.push(t.flapping);
-                u_healthy.push(slot.became_healthy);
-                report.states.push(ServiceAfter {
-                    service_id: id.to_string(),
-                    state: t.state,
-                    mode: slot.mode.clone(),
-                });
-            }
-            let update = tx
-                .prepare_cached(
-                    "UPDATE service_state s SET state = u.state,
-                       state_since = CASE WHEN u.changed THEN now() ELSE s.state_since END,
-                       consecutive_failures = u.cf, consecutive_successes = u.cs,
-                       last_status = u.last_status, last_check_at = u.last_check_at,
-                       last_response_ms = u.last_response_ms, last_message = u.last_message,
-                       last_error = COALESCE(u.last_error, s.last_error),
-                       last_error_at = COALESCE(u.last_error_at, s.last_error_at),
-                       history = u.history, history_len = u.history_len, flapping = u.flapping,
-                       healthy_since = CASE WHEN u.became_healthy THEN now()
-                                            WHEN u.state = 'healthy' THEN s.healthy_since ELSE NULL END
-                     FROM UNNEST($1::text[], $2::text[], $3::bool[], $4::int4[], $5::int4[], $6::int2[],
-                                 $7::timestamptz[], $8::int4[], $9::text[], $10::text[],
-                                 $11::timestamptz[], $12::int8[], $13::int4[], $14::bool[], $15::bool[])
-                       AS u(service_id, state, changed, cf, cs, last_status, last_check_at,
-                            last_response_ms, last_message, last_error, last_error_at, history,
-                            history_len, flapping, became_healthy)
-                     WHERE s.service_id = u.service_id",
-                )
-                .await?;
-            let update_params: [&(dyn tokio_postgres::types::ToSql + Sync); 15] = [
-                &u_id, &u_state, &u_changed, &u_cf, &u_cs, &u_status, &u_at, &u_ms, &u_msg, &u_err,
-                &u_err_at, &u_hist, &u_hlen, &u_flap, &u_healthy,
-            ];
-            // State transitions, then flapping changes, as events (one INSERT, in order).
-            let mut e_id: Vec<&str> = Vec::new();
-            let mut e_kind: Vec<&str> = Vec::new();
-            let mut e_from: Vec<&str> = Vec::new();
-            let mut e_to: Vec<&str> = Vec::new();
-            let mut e_reason: Vec<String> = Vec::new();
-            for (id, t) in &report.transitions {
-                e_id.push(id);
-                e_kind.push("state");
-                e_from.push(t.from.as_str());
-                e_to.push(t.to.as_str());
-                e_reason.push(t.reason.clone());
-            }
-            for (id, f) in &report.flaps {
-                let (to, reason) = if f.flapping {
-                    (
-                        "flapping",
-                        format!(
-                            "started flapping: {:.0}% state change over the last 21 results",
-                            f.percent
-                        ),
-                    )
-                } else {
-                    (
-                        "steady",
-                        format!("stopped flapping: {:.0}% state change", f.percent),
-                    )
-                };
-                e_id.push(id);
-                e_kind.push("flapping");
-                e_from.push("");
-                e_to.push(to);
-                e_reason.push(reason);
-            }
-            if e_id.is_empty() {
-                tx.execute(&update, &update_params).await?;
-            } else {
-                let events = tx
-                    .prepare_cached(
-                        "INSERT INTO events (service_id, kind, from_state, to_state, reason)
-                         SELECT e.service_id, e.kind, e.from_state, e.to_state, e.reason
-                         FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[])
-                           WITH ORDINALITY AS e(service_id, kind, from_state, to_state, reason, n)
-                         ORDER BY n",
-                    )
-                    .await?;
-                let event_params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] =
-                    [&e_id, &e_kind, &e_from, &e_to, &e_reason];
-                tokio::try_join!(
-                    tx.execute(&update, &update_params),
-                    tx.execute(&events, &event_params),
-                )?;
-            }
-        }
-        tx.commit().await?;
-        Ok(report)
     }
 
     /// The status table: every configured service with its state and 24-hour figures.
@@ -1027,5 +764,19 @@ impl Store {
                 };
                 (status, r.get(1), r.get(2))
             }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::bulk_permits;
+
+    #[test]
+    fn passing_batches_leave_connections_free() {
+        assert_eq!(bulk_permits(1), 1);
+        assert_eq!(bulk_permits(2), 1);
+        assert_eq!(bulk_permits(3), 2);
+        assert_eq!(bulk_permits(8), 6);
+        assert_eq!(bulk_permits(32), 30);
     }
 }
