@@ -6,7 +6,8 @@ use std::time::{Duration, Instant};
 
 use futures::pin_mut;
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
-use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::types::ToSql;
+use vigil_collector::store::{RESULT_COLUMNS, RESULT_TYPES};
 use vigil_proto::v1;
 
 /// Copies `rows` results spread over `nodes` × `checks` (as the simulated agents send them) in
@@ -44,28 +45,13 @@ async fn copy_one(
 ) -> anyhow::Result<()> {
     let mut client = crate::env::connect(url).await?;
     let tx = client.transaction().await?;
+    // The collector's own COPY statement: the same columns and types.
     let sink = tx
-        .copy_in(
-            "COPY check_results (node, outbox_epoch, seq, service_id, started_at, duration_ms,
-                                 status, message, metrics, output, config_version) FROM STDIN BINARY",
-        )
+        .copy_in(&format!(
+            "COPY check_results ({RESULT_COLUMNS}) FROM STDIN BINARY"
+        ))
         .await?;
-    let writer = BinaryCopyInWriter::new(
-        sink,
-        &[
-            Type::TEXT,
-            Type::INT8,
-            Type::INT8,
-            Type::TEXT,
-            Type::TIMESTAMPTZ,
-            Type::INT4,
-            Type::INT2,
-            Type::TEXT,
-            Type::JSONB,
-            Type::TEXT,
-            Type::INT8,
-        ],
-    );
+    let writer = BinaryCopyInWriter::new(sink, &RESULT_TYPES);
     pin_mut!(writer);
     // A fresh epoch per stream: (node, epoch, seq) never meets the collector's rows.
     let epoch: i64 = (rand::random::<u64>() >> 1) as i64 | 1;

@@ -490,20 +490,6 @@ fn host_names(
         .collect()
 }
 
-/// `host:port/db` of a PostgreSQL config (never the password).
-fn describe_pg(cfg: &tokio_postgres::Config) -> String {
-    let host = cfg
-        .get_hosts()
-        .first()
-        .map(|h| match h {
-            tokio_postgres::config::Host::Tcp(s) => s.clone(),
-            tokio_postgres::config::Host::Unix(p) => p.display().to_string(),
-        })
-        .unwrap_or_else(|| "localhost".into());
-    let port = cfg.get_ports().first().copied().unwrap_or(5432);
-    format!("{host}:{port}/{}", cfg.get_dbname().unwrap_or("(default)"))
-}
-
 /// An error and its sources, each once.
 fn chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut text = e.to_string();
@@ -533,7 +519,7 @@ async fn check_database(url: &str) -> Vec<Finding> {
     };
     pg.connect_timeout(PROBE_TIMEOUT);
     pg.application_name("vigil-collector doctor");
-    let target = describe_pg(&pg);
+    let target = crate::store::describe(&pg);
     let what = format!("database {target}");
     let unreachable_fix = format!(
         "start PostgreSQL on {target}, or correct database.url (or {DATABASE_URL_ENV}); check \

@@ -242,7 +242,7 @@ async fn fail(hub: &Hub, cmd: &CommandRow, why: &str) -> Result<(), crate::store
     tracing::warn!(command_id = cmd.id, service = %cmd.service_id, reason = why, "command failed");
     if let Some(row) = hub
         .store
-        .finish_command(cmd.id, "failed", None, why)
+        .finish_command(cmd.id, "failed", None, why, None)
         .await?
     {
         after_finish(hub, &row).await;
@@ -431,7 +431,7 @@ async fn run_over_ssh(
     let output = vigil_checks::excerpt(&output, 8 * 1024);
     match hub
         .store
-        .finish_command(cmd.id, status, exit_code, &output)
+        .finish_command(cmd.id, status, exit_code, &output, Some(svc.grace))
         .await
     {
         Ok(Some(row)) => after_finish(hub, &row).await,
@@ -535,9 +535,10 @@ pub async fn on_agent_result(hub: &Hub, node: &str, r: v1::CommandResult) {
         "failed"
     };
     let output = vigil_checks::excerpt(&r.output, 8 * 1024);
+    let grace = hub.config().await.service(&cmd.service_id).map(|s| s.grace);
     match hub
         .store
-        .finish_command(id, status, Some(r.exit_code), &output)
+        .finish_command(id, status, Some(r.exit_code), &output, grace)
         .await
     {
         Ok(Some(row)) => after_finish(hub, &row).await,
@@ -549,67 +550,38 @@ pub async fn on_agent_result(hub: &Hub, node: &str, r: v1::CommandResult) {
     }
 }
 
-/// What follows a finished command: grace period, operator mode, audit event.
+/// What follows a finished command (its grace period and mode were set with its outcome): log,
+/// metric, audit event.
 async fn after_finish(hub: &Hub, row: &CommandRow) {
     tracing::info!(
         command_id = row.id, service = %row.service_id, action = %row.action, origin = %row.origin,
         status = %row.status, exit_code = ?row.exit_code, "command finished"
     );
     hub.metrics.command_finished(&row.action, &row.status);
-    let cfg = hub.config().await;
-    let ok = row.status == "succeeded";
-    let mut result = Ok(());
-    if ok && (row.action == "restart" || row.action == "start") {
-        if let Some(svc) = cfg.service(&row.service_id) {
-            let until = Utc::now() + chrono::Duration::from_std(svc.grace).unwrap_or_default();
-            result = hub.store.set_grace(&row.service_id, until).await;
-        }
-        if row.origin == "manual" && result.is_ok() {
-            result = hub
-                .store
-                .set_mode(
-                    &row.service_id,
-                    "active",
-                    None,
-                    &format!("{} by {}", row.action, row.requested_by),
-                )
-                .await;
-        }
+    if row.action == "check" {
+        return;
     }
-    if ok && row.action == "stop" && result.is_ok() {
-        result = hub
-            .store
-            .set_mode(
-                &row.service_id,
-                "stopped",
-                None,
-                &format!("stopped by {}", row.requested_by),
-            )
-            .await;
-    }
-    if result.is_ok() && row.action != "check" {
-        let what = format!(
-            "command {} ({} {}, {}) {}: {}",
-            row.id,
-            row.origin,
-            row.action,
-            row.requested_by,
-            row.status,
-            row.output.lines().last().unwrap_or("")
-        );
-        result = hub
-            .store
-            .add_event(
-                &row.service_id,
-                "remediation",
-                &row.action,
-                &row.status,
-                &what,
-            )
-            .await;
-    }
-    if let Err(e) = result {
-        tracing::error!(command_id = row.id, error = %e, "cannot apply command outcome");
+    let what = format!(
+        "command {} ({} {}, {}) {}: {}",
+        row.id,
+        row.origin,
+        row.action,
+        row.requested_by,
+        row.status,
+        row.output.lines().last().unwrap_or("")
+    );
+    if let Err(e) = hub
+        .store
+        .add_event(
+            &row.service_id,
+            "remediation",
+            &row.action,
+            &row.status,
+            &what,
+        )
+        .await
+    {
+        tracing::error!(command_id = row.id, error = %e, "cannot record the command's audit event");
     }
 }
 

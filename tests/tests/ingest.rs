@@ -28,6 +28,19 @@ fn result(seq: u64, service: &str, status: Status) -> ResultIn {
     }
 }
 
+/// The collector's connections to this database waiting for a row lock.
+async fn lock_waiters(client: &tokio_postgres::Client) -> anyhow::Result<i64> {
+    Ok(client
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity
+             WHERE datname = current_database() AND application_name = 'vigil-collector'
+               AND wait_event_type = 'Lock'",
+            &[],
+        )
+        .await?
+        .get(0))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failing_batch_is_written_while_passing_batches_wait() -> anyhow::Result<()> {
     init();
@@ -81,21 +94,11 @@ async fn failing_batch_is_written_while_passing_batches_wait() -> anyhow::Result
                 .await
         }));
     }
-    wait_for("two passing batches blocked on the row lock", LIMIT, || {
-        let client = &client;
-        async move {
-            let waiting: i64 = client
-                .query_one(
-                    "SELECT count(*) FROM pg_stat_activity
-                     WHERE datname = current_database() AND application_name = 'vigil-collector'
-                       AND wait_event_type = 'Lock'",
-                    &[],
-                )
-                .await?
-                .get(0);
-            Ok((waiting >= 2).then_some(()))
-        }
-    })
+    wait_for(
+        "two passing batches blocked on the row lock",
+        LIMIT,
+        || async { Ok((lock_waiters(&client).await? >= 2).then_some(())) },
+    )
     .await?;
 
     // A failing result for another service is stored at once, the lock still held.
@@ -113,16 +116,11 @@ async fn failing_batch_is_written_while_passing_batches_wait() -> anyhow::Result
     .map_err(|_| anyhow::anyhow!("the failing batch waited behind the passing ones"))??;
     assert_eq!(report.inserted, 1);
     assert_eq!(report.transitions.len(), 1, "{:?}", report.transitions);
-    let waiting: i64 = client
-        .query_one(
-            "SELECT count(*) FROM pg_stat_activity
-             WHERE datname = current_database() AND application_name = 'vigil-collector'
-                       AND wait_event_type = 'Lock'",
-            &[],
-        )
-        .await?
-        .get(0);
-    assert_eq!(waiting, 2, "only two passing batches ever held connections");
+    assert_eq!(
+        lock_waiters(&client).await?,
+        2,
+        "only two passing batches ever held connections"
+    );
 
     // Released, every passing batch is stored.
     lock.rollback().await?;

@@ -32,15 +32,27 @@ pub enum Dedupe {
     PerResult,
 }
 
+/// How one attempt writes a batch's results.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Write {
+    /// One COPY of the results above the outbox's stored seq.
+    Copy,
+    /// `INSERT … ON CONFLICT DO NOTHING`, raising the outbox's stored seq (after a COPY met the key).
+    InsertOutbox,
+    /// `INSERT … ON CONFLICT DO NOTHING` (results not from an outbox stream).
+    Insert,
+}
+
 /// How long a batch of passing results waits for its turn (as long as the pool waits for a
 /// connection): the agent keeps the results and sends them again after the error.
 const BULK_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
-const RESULT_COLUMNS: &str = "node, outbox_epoch, seq, service_id, started_at, duration_ms, \
+/// The `check_results` columns an ingest writes, in COPY order.
+pub const RESULT_COLUMNS: &str = "node, outbox_epoch, seq, service_id, started_at, duration_ms, \
                               status, message, metrics, output, config_version";
 
 /// Column types of [`RESULT_COLUMNS`] for the binary COPY.
-const RESULT_TYPES: [Type; 11] = [
+pub const RESULT_TYPES: [Type; 11] = [
     Type::TEXT,
     Type::INT8,
     Type::INT8,
@@ -76,21 +88,25 @@ impl Store {
         } else {
             None
         };
-        if dedupe == Dedupe::Outbox {
-            match self
-                .ingest_once(node, epoch, results, thresholds, dedupe, true)
-                .await
-            {
-                Err(StoreError::Sql(e)) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
-                    tracing::warn!(
-                        %node, epoch, "results above the stored seq were already in the database; storing this batch result by result"
-                    );
-                }
-                done => return done,
-            }
+        if dedupe == Dedupe::PerResult {
+            return self
+                .ingest_once(node, epoch, results, thresholds, Write::Insert)
+                .await;
         }
-        self.ingest_once(node, epoch, results, thresholds, dedupe, false)
+        match self
+            .ingest_once(node, epoch, results, thresholds, Write::Copy)
             .await
+        {
+            Err(StoreError::Sql(e)) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
+                tracing::warn!(
+                    %node, epoch,
+                    "results above the outbox's stored seq were already in the database (written by an older collector?); storing this batch result by result"
+                );
+                self.ingest_once(node, epoch, results, thresholds, Write::InsertOutbox)
+                    .await
+            }
+            done => done,
+        }
     }
 
     async fn ingest_once(
@@ -99,8 +115,7 @@ impl Store {
         epoch: u64,
         results: &[ResultIn],
         thresholds: &HashMap<String, Thresholds>,
-        dedupe: Dedupe,
-        copy: bool,
+        write: Write,
     ) -> Result<IngestReport, StoreError> {
         let epoch = epoch as i64;
         let top = results.iter().map(|r| r.seq as i64).max().unwrap_or(0);
@@ -122,7 +137,7 @@ impl Store {
         // The results new to the database, in seq order, and the locked state rows. Statements
         // sent together are pipelined (one round trip); they run in the order written, so the
         // outbox row is always locked before the services.
-        let (fresh, locked): (Vec<&ResultIn>, Vec<Row>) = if copy {
+        let (fresh, locked): (Vec<&ResultIn>, Vec<Row>) = if write == Write::Copy {
             let ensure = tx
                 .prepare_cached(
                     "INSERT INTO outbox_progress (node, outbox_epoch, stored_seq) VALUES ($1, $2, 0)
@@ -188,7 +203,7 @@ impl Store {
                 &node, &epoch, &seqs, &services, &started, &durations, &statuses, &messages,
                 &metrics, &outputs, &versions,
             ];
-            let (rows, locked) = if dedupe == Dedupe::Outbox {
+            let (rows, locked) = if write == Write::InsertOutbox {
                 // Stored result by result after a COPY met the key: the outbox row catches up.
                 let upsert = tx
                     .prepare_cached(

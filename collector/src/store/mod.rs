@@ -12,7 +12,7 @@ use crate::config::Config;
 use crate::state::{FlapChange, State, Transition};
 
 mod ingest;
-pub use ingest::Dedupe;
+pub use ingest::{Dedupe, RESULT_COLUMNS, RESULT_TYPES};
 mod web;
 pub use web::*;
 
@@ -31,7 +31,7 @@ pub enum StoreError {
     },
     #[error("database pool: {0}")]
     Pool(#[from] deadpool_postgres::PoolError),
-    #[error("no database connection free for passing results within {0:?}")]
+    #[error("PostgreSQL is not keeping up: passing results waited {0:?} for a database connection")]
     Busy(Duration),
     #[error("database: {0}")]
     Sql(#[from] tokio_postgres::Error),
@@ -95,6 +95,36 @@ pub fn status_code(s: Status) -> i16 {
     }
 }
 
+/// Sets a service's operator mode within `tx`, with a `mode` event when it changes.
+async fn set_mode_in(
+    tx: &deadpool_postgres::Transaction<'_>,
+    service_id: &str,
+    mode: &str,
+    paused_until: Option<DateTime<Utc>>,
+    reason: &str,
+) -> Result<(), StoreError> {
+    let old: Option<String> = tx
+        .query_opt(
+            "SELECT mode FROM service_state WHERE service_id = $1 FOR UPDATE",
+            &[&service_id],
+        )
+        .await?
+        .map(|r| r.get(0));
+    tx.execute(
+        "UPDATE service_state SET mode = $2, paused_until = $3 WHERE service_id = $1",
+        &[&service_id, &mode, &paused_until],
+    )
+    .await?;
+    if old.as_deref() != Some(mode) {
+        tx.execute(
+            "INSERT INTO events (service_id, kind, from_state, to_state, reason) VALUES ($1, 'mode', $2, $3, $4)",
+            &[&service_id, &old.unwrap_or_default(), &mode, &reason],
+        )
+        .await?;
+    }
+    Ok(())
+}
+
 /// Connection pool plus the queries.
 #[derive(Clone)]
 pub struct Store {
@@ -117,7 +147,7 @@ fn bulk_permits(pool_size: usize) -> usize {
 }
 
 /// "host:port/db" of a URL, for messages (never the password).
-fn describe(cfg: &tokio_postgres::Config) -> String {
+pub fn describe(cfg: &tokio_postgres::Config) -> String {
     let host = cfg
         .get_hosts()
         .first()
@@ -413,31 +443,34 @@ impl Store {
         Ok(Some(id))
     }
 
-    pub async fn command(&self, id: i64) -> Result<Option<CommandRow>, StoreError> {
+    /// The commands a statement returns (it selects or returns [`COMMAND_COLUMNS`]).
+    async fn query_commands(
+        &self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<Vec<CommandRow>, StoreError> {
         let client = self.pool.get().await?;
-        let sql = format!("SELECT {COMMAND_COLUMNS} FROM commands WHERE id = $1");
         Ok(client
-            .query_opt(&sql, &[&id])
-            .await?
-            .as_ref()
-            .map(command_row))
-    }
-
-    /// Commands still pending or sent, oldest first.
-    pub async fn open_commands(&self) -> Result<Vec<CommandRow>, StoreError> {
-        let client = self.pool.get().await?;
-        let sql = format!(
-            "SELECT {COMMAND_COLUMNS} FROM commands WHERE status IN ('pending', 'sent') ORDER BY id"
-        );
-        Ok(client
-            .query(&sql, &[])
+            .query(sql, params)
             .await?
             .iter()
             .map(command_row)
             .collect())
     }
 
-    /// Marks a command sent (by `via`), counting the attempt. False if it is no longer open.
+    pub async fn command(&self, id: i64) -> Result<Option<CommandRow>, StoreError> {
+        let sql = format!("SELECT {COMMAND_COLUMNS} FROM commands WHERE id = $1");
+        Ok(self.query_commands(&sql, &[&id]).await?.pop())
+    }
+
+    /// Commands still pending or sent, oldest first.
+    pub async fn open_commands(&self) -> Result<Vec<CommandRow>, StoreError> {
+        let sql = format!(
+            "SELECT {COMMAND_COLUMNS} FROM commands WHERE status IN ('pending', 'sent') ORDER BY id"
+        );
+        self.query_commands(&sql, &[]).await
+    }
+
     /// Puts a command that was sent by a previous run back to pending, so that it is sent again
     /// when its agent (re)connects.
     pub async fn requeue(&self, id: i64) -> Result<(), StoreError> {
@@ -466,41 +499,69 @@ impl Store {
         Ok(n == 1)
     }
 
-    /// Records a command's outcome (`succeeded`, `failed`, `timed_out`) if it is still open;
-    /// returns the finished row, or `None` if it had already finished.
+    /// Records a command's outcome (`succeeded`, `failed`, `timed_out`) if it is still open and,
+    /// in the same transaction, what a success means for the service: after a start or restart
+    /// its grace period (`grace`, when known) and, when an operator asked, mode `active`; after
+    /// a stop, mode `stopped`. Whoever sees the outcome sees the mode too. Returns the finished
+    /// row, or `None` if it had already finished.
     pub async fn finish_command(
         &self,
         id: i64,
         status: &str,
         exit_code: Option<i32>,
         output: &str,
+        grace: Option<Duration>,
     ) -> Result<Option<CommandRow>, StoreError> {
-        let client = self.pool.get().await?;
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
         let sql = format!(
             "UPDATE commands SET status = $2, exit_code = $3, output = $4, finished_at = now()
              WHERE id = $1 AND status IN ('pending', 'sent') RETURNING {COMMAND_COLUMNS}"
         );
-        Ok(client
+        let Some(row) = tx
             .query_opt(&sql, &[&id, &status, &exit_code, &output])
             .await?
             .as_ref()
-            .map(command_row))
+            .map(command_row)
+        else {
+            return Ok(None);
+        };
+        if row.status == "succeeded" {
+            let (service, by) = (row.service_id.as_str(), row.requested_by.as_str());
+            match row.action.as_str() {
+                "restart" | "start" => {
+                    if let Some(grace) = grace {
+                        let until =
+                            Utc::now() + chrono::Duration::from_std(grace).unwrap_or_default();
+                        tx.execute(
+                            "UPDATE service_state SET grace_until = $2 WHERE service_id = $1",
+                            &[&service, &until],
+                        )
+                        .await?;
+                    }
+                    if row.origin == "manual" {
+                        let reason = format!("{} by {by}", row.action);
+                        set_mode_in(&tx, service, "active", None, &reason).await?;
+                    }
+                }
+                "stop" => {
+                    set_mode_in(&tx, service, "stopped", None, &format!("stopped by {by}")).await?
+                }
+                _ => {}
+            }
+        }
+        tx.commit().await?;
+        Ok(Some(row))
     }
 
     /// Times out every open command past its deadline; returns them.
     pub async fn expire_commands(&self) -> Result<Vec<CommandRow>, StoreError> {
-        let client = self.pool.get().await?;
         let sql = format!(
             "UPDATE commands SET status = 'timed_out', finished_at = now(),
                output = CASE WHEN output = '' THEN 'no result before the deadline' ELSE output END
              WHERE status IN ('pending', 'sent') AND deadline < now() RETURNING {COMMAND_COLUMNS}"
         );
-        Ok(client
-            .query(&sql, &[])
-            .await?
-            .iter()
-            .map(command_row)
-            .collect())
+        self.query_commands(&sql, &[]).await
     }
 
     /// Recent commands of a service, newest first.
@@ -509,16 +570,10 @@ impl Store {
         service_id: &str,
         limit: i64,
     ) -> Result<Vec<CommandRow>, StoreError> {
-        let client = self.pool.get().await?;
         let sql = format!(
             "SELECT {COMMAND_COLUMNS} FROM commands WHERE service_id = $1 ORDER BY id DESC LIMIT $2"
         );
-        Ok(client
-            .query(&sql, &[&service_id, &limit])
-            .await?
-            .iter()
-            .map(command_row)
-            .collect())
+        self.query_commands(&sql, &[&service_id, &limit]).await
     }
 
     pub async fn views(&self, ids: &[&str]) -> Result<Vec<ServiceView>, StoreError> {
@@ -601,22 +656,6 @@ impl Store {
         Ok(())
     }
 
-    /// Starts the grace period after a restart or start.
-    pub async fn set_grace(
-        &self,
-        service_id: &str,
-        until: DateTime<Utc>,
-    ) -> Result<(), StoreError> {
-        let client = self.pool.get().await?;
-        client
-            .execute(
-                "UPDATE service_state SET grace_until = $2 WHERE service_id = $1",
-                &[&service_id, &until],
-            )
-            .await?;
-        Ok(())
-    }
-
     /// Records giving up (the budget is spent).
     pub async fn give_up(&self, service_id: &str, reason: &str) -> Result<(), StoreError> {
         let mut client = self.pool.get().await?;
@@ -657,25 +696,7 @@ impl Store {
     ) -> Result<(), StoreError> {
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
-        let old: Option<String> = tx
-            .query_opt(
-                "SELECT mode FROM service_state WHERE service_id = $1 FOR UPDATE",
-                &[&service_id],
-            )
-            .await?
-            .map(|r| r.get(0));
-        tx.execute(
-            "UPDATE service_state SET mode = $2, paused_until = $3 WHERE service_id = $1",
-            &[&service_id, &mode, &paused_until],
-        )
-        .await?;
-        if old.as_deref() != Some(mode) {
-            tx.execute(
-                "INSERT INTO events (service_id, kind, from_state, to_state, reason) VALUES ($1, 'mode', $2, $3, $4)",
-                &[&service_id, &old.unwrap_or_default(), &mode, &reason],
-            )
-            .await?;
-        }
+        set_mode_in(&tx, service_id, mode, paused_until, reason).await?;
         tx.commit().await?;
         Ok(())
     }
