@@ -835,11 +835,14 @@ impl Config {
     }
 
     pub fn node(&self, name: &str) -> Option<&NodeConfig> {
-        self.node_at.get(name).map(|&i| &self.nodes[i])
+        // `nodes` is public: the index is checked against it, never trusted blindly.
+        let n = self.node_at.get(name).and_then(|&i| self.nodes.get(i));
+        n.filter(|n| n.name == name)
     }
 
     pub fn service(&self, id: &str) -> Option<&Service> {
-        self.service_at.get(id).map(|&i| &self.services[i])
+        let s = self.service_at.get(id).and_then(|&i| self.services.get(i));
+        s.filter(|s| s.id == id)
     }
 }
 
