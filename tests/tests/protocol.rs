@@ -198,8 +198,9 @@ async fn rows_stored_without_outbox_progress_are_not_stored_twice() -> anyhow::R
     let (db, ws, collector) = setup().await?;
     let client = db.connect().await?;
     // Seqs 3 and 7 of this outbox stored the way a collector of an older version stored them:
-    // in check_results, with no outbox_progress row. The batch's COPY meets the unique key, is
-    // rolled back, and the batch is stored result by result.
+    // in check_results, with no outbox_progress row. The batch (large enough to be written with
+    // COPY) meets the unique key, is rolled back, and is stored result by result.
+    let n = vigil_collector::store::COPY_FROM as u64 + 8;
     client
         .execute(
             "INSERT INTO check_results (node, outbox_epoch, seq, service_id, started_at, duration_ms,
@@ -209,11 +210,13 @@ async fn rows_stored_without_outbox_progress_are_not_stored_twice() -> anyhow::R
         )
         .await?;
     let ch = channel(&ws, &collector, Some("n1")).await?;
-    let acks = send_and_acks(ch.clone(), vec![batch(1..=10, v1::Status::Critical)], 10).await?;
-    assert_eq!(acks, vec![10]);
-    // A later batch overlapping the stored seqs (6..=10 again, 11..=12 new) takes the COPY path.
-    let acks = send_and_acks(ch, vec![batch(6..=12, v1::Status::Critical)], 12).await?;
-    assert_eq!(acks, vec![12]);
+    let acks = send_and_acks(ch.clone(), vec![batch(1..=n, v1::Status::Critical)], n).await?;
+    assert_eq!(acks, vec![n]);
+    // A later batch overlapping the stored seqs (5 again, 2 new) is filtered by the outbox's
+    // stored seq.
+    let acks = send_and_acks(ch, vec![batch(n - 4..=n + 2, v1::Status::Critical)], n + 2).await?;
+    assert_eq!(acks, vec![n + 2]);
+    let n = n as i64;
     let row = client
         .query_one(
             "SELECT count(*), count(DISTINCT seq), count(*) FILTER (WHERE message = 'stored before')
@@ -222,7 +225,11 @@ async fn rows_stored_without_outbox_progress_are_not_stored_twice() -> anyhow::R
         )
         .await?;
     let counts: (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
-    assert_eq!(counts, (12, 12, 2), "every seq once; the older rows kept");
+    assert_eq!(
+        counts,
+        (n + 2, n + 2, 2),
+        "every seq once; the older rows kept"
+    );
     let stored: i64 = client
         .query_one(
             "SELECT stored_seq FROM outbox_progress WHERE node = 'n1' AND outbox_epoch = $1",
@@ -230,9 +237,9 @@ async fn rows_stored_without_outbox_progress_are_not_stored_twice() -> anyhow::R
         )
         .await?
         .get(0);
-    assert_eq!(stored, 12);
-    // Only the 10 results this collector inserted count toward the state (not 3 and 7, not the
-    // re-sent 6..=10).
+    assert_eq!(stored, n + 2);
+    // Only the results this collector inserted count toward the state (not 3 and 7, not the
+    // re-sent ones).
     let failures: i32 = client
         .query_one(
             "SELECT consecutive_failures FROM service_state WHERE service_id = 'svc'",
@@ -240,7 +247,7 @@ async fn rows_stored_without_outbox_progress_are_not_stored_twice() -> anyhow::R
         )
         .await?
         .get(0);
-    assert_eq!(failures, 10);
+    assert_eq!(failures as i64, n);
     collector.shutdown().await;
     Ok(())
 }

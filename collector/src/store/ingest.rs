@@ -32,10 +32,13 @@ pub enum Dedupe {
     PerResult,
 }
 
+/// From this many new results on, a batch is written with COPY; fewer go in with one INSERT.
+pub const COPY_FROM: usize = 32;
+
 /// How one attempt writes a batch's results.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Write {
-    /// One COPY of the results above the outbox's stored seq.
+    /// The results above the outbox's stored seq: one COPY (one INSERT for a few).
     Copy,
     /// `INSERT … ON CONFLICT DO NOTHING`, raising the outbox's stored seq (after a COPY met the key).
     InsertOutbox,
@@ -164,46 +167,17 @@ impl Store {
                 results.iter().filter(|r| r.seq as i64 > stored).collect();
             fresh.sort_by_key(|r| r.seq);
             fresh.dedup_by_key(|r| r.seq);
-            if !fresh.is_empty() {
+            if fresh.len() >= COPY_FROM {
                 copy_results(&tx, node, epoch, &fresh).await?;
+            } else if !fresh.is_empty() {
+                // A few rows: one INSERT is a round trip less than COPY's start and end.
+                fresh = insert_results(&tx, node, epoch, &fresh).await?;
             }
             (fresh, locked)
         } else {
-            let insert = tx
-                .prepare_cached(&format!(
-                    "INSERT INTO check_results ({RESULT_COLUMNS})
-                     SELECT $1, $2, * FROM UNNEST($3::int8[], $4::text[], $5::timestamptz[],
-                         $6::int4[], $7::int2[], $8::text[], $9::jsonb[], $10::text[], $11::int8[])
-                     ON CONFLICT (node, outbox_epoch, seq) DO NOTHING
-                     RETURNING seq"
-                ))
-                .await?;
-            let n = results.len();
-            let mut seqs = Vec::with_capacity(n);
-            let mut services = Vec::with_capacity(n);
-            let mut started = Vec::with_capacity(n);
-            let mut durations = Vec::with_capacity(n);
-            let mut statuses = Vec::with_capacity(n);
-            let mut messages = Vec::with_capacity(n);
-            let mut metrics = Vec::with_capacity(n);
-            let mut outputs = Vec::with_capacity(n);
-            let mut versions = Vec::with_capacity(n);
-            for r in results {
-                seqs.push(r.seq as i64);
-                services.push(r.service_id.as_str());
-                started.push(r.started_at);
-                durations.push(r.duration_ms.min(i32::MAX as u32) as i32);
-                statuses.push(status_code(r.status));
-                messages.push(r.message.as_str());
-                metrics.push(Json(&r.metrics));
-                outputs.push(r.output.as_str());
-                versions.push(r.config_version as i64);
-            }
-            let params: [&(dyn ToSql + Sync); 11] = [
-                &node, &epoch, &seqs, &services, &started, &durations, &statuses, &messages,
-                &metrics, &outputs, &versions,
-            ];
-            let (rows, locked) = if write == Write::InsertOutbox {
+            let all: Vec<&ResultIn> = results.iter().collect();
+            let locking = async { Ok::<_, StoreError>(tx.query(&lock, &lock_params).await?) };
+            if write == Write::InsertOutbox {
                 // Stored result by result after a COPY met the key: the outbox row catches up.
                 let upsert = tx
                     .prepare_cached(
@@ -213,23 +187,13 @@ impl Store {
                     )
                     .await?;
                 let key_top: [&(dyn ToSql + Sync); 3] = [&node, &epoch, &top];
-                let (_, rows, locked) = tokio::try_join!(
-                    tx.execute(&upsert, &key_top),
-                    tx.query(&insert, &params),
-                    tx.query(&lock, &lock_params),
-                )?;
-                (rows, locked)
+                let upserting = async { Ok::<_, StoreError>(tx.execute(&upsert, &key_top).await?) };
+                let (_, fresh, locked) =
+                    tokio::try_join!(upserting, insert_results(&tx, node, epoch, &all), locking,)?;
+                (fresh, locked)
             } else {
-                tokio::try_join!(tx.query(&insert, &params), tx.query(&lock, &lock_params))?
-            };
-            let inserted: HashSet<i64> = rows.iter().map(|r| r.get(0)).collect();
-            let mut fresh: Vec<&ResultIn> = results
-                .iter()
-                .filter(|r| inserted.contains(&(r.seq as i64)))
-                .collect();
-            fresh.sort_by_key(|r| r.seq);
-            fresh.dedup_by_key(|r| r.seq);
-            (fresh, locked)
+                tokio::try_join!(insert_results(&tx, node, epoch, &all), locking)?
+            }
         };
         let mut report = IngestReport {
             inserted: fresh.len(),
@@ -256,6 +220,64 @@ const LOCK_STATES: &str = "SELECT service_id, state, consecutive_failures, conse
 
 const ADVANCE_PROGRESS: &str = "UPDATE outbox_progress SET stored_seq = GREATEST(stored_seq, $3)
                                 WHERE node = $1 AND outbox_epoch = $2";
+
+/// Inserts `rows` with `INSERT … ON CONFLICT DO NOTHING`; returns those inserted (not already
+/// stored), in seq order.
+async fn insert_results<'r>(
+    tx: &Transaction<'_>,
+    node: &str,
+    epoch: i64,
+    rows: &[&'r ResultIn],
+) -> Result<Vec<&'r ResultIn>, StoreError> {
+    let insert = tx
+        .prepare_cached(&format!(
+            "INSERT INTO check_results ({RESULT_COLUMNS})
+             SELECT $1, $2, * FROM UNNEST($3::int8[], $4::text[], $5::timestamptz[],
+                 $6::int4[], $7::int2[], $8::text[], $9::jsonb[], $10::text[], $11::int8[])
+             ON CONFLICT (node, outbox_epoch, seq) DO NOTHING
+             RETURNING seq"
+        ))
+        .await?;
+    let n = rows.len();
+    let mut seqs = Vec::with_capacity(n);
+    let mut services = Vec::with_capacity(n);
+    let mut started = Vec::with_capacity(n);
+    let mut durations = Vec::with_capacity(n);
+    let mut statuses = Vec::with_capacity(n);
+    let mut messages = Vec::with_capacity(n);
+    let mut metrics = Vec::with_capacity(n);
+    let mut outputs = Vec::with_capacity(n);
+    let mut versions = Vec::with_capacity(n);
+    for r in rows {
+        seqs.push(r.seq as i64);
+        services.push(r.service_id.as_str());
+        started.push(r.started_at);
+        durations.push(r.duration_ms.min(i32::MAX as u32) as i32);
+        statuses.push(status_code(r.status));
+        messages.push(r.message.as_str());
+        metrics.push(Json(&r.metrics));
+        outputs.push(r.output.as_str());
+        versions.push(r.config_version as i64);
+    }
+    let params: [&(dyn ToSql + Sync); 11] = [
+        &node, &epoch, &seqs, &services, &started, &durations, &statuses, &messages, &metrics,
+        &outputs, &versions,
+    ];
+    let inserted: HashSet<i64> = tx
+        .query(&insert, &params)
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let mut fresh: Vec<&ResultIn> = rows
+        .iter()
+        .copied()
+        .filter(|r| inserted.contains(&(r.seq as i64)))
+        .collect();
+    fresh.sort_by_key(|r| r.seq);
+    fresh.dedup_by_key(|r| r.seq);
+    Ok(fresh)
+}
 
 /// Writes `rows` into `check_results` with one binary COPY.
 async fn copy_results(

@@ -12,7 +12,7 @@ use crate::config::Config;
 use crate::state::{FlapChange, State, Transition};
 
 mod ingest;
-pub use ingest::{Dedupe, RESULT_COLUMNS, RESULT_TYPES};
+pub use ingest::{COPY_FROM, Dedupe, RESULT_COLUMNS, RESULT_TYPES};
 mod web;
 pub use web::*;
 
