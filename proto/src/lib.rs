@@ -8,6 +8,8 @@ pub mod v1 {
 
 pub use v1::*;
 
+pub mod sanitize;
+
 /// Largest message either side accepts on the agent stream (bytes).
 pub const MAX_MESSAGE_BYTES: usize = 8 * 1024 * 1024;
 
