@@ -308,6 +308,7 @@ impl Client {
             outbox_epoch: self.outbox.epoch(),
             first_unacked_seq: first_unacked,
             inventory_json,
+            ..Default::default()
         }
     }
 

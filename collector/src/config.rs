@@ -121,6 +121,20 @@ pub struct CollectorFile {
     /// Prometheus `/metrics`, on an address of its own.
     #[serde(default)]
     pub metrics: MetricsConfig,
+    /// A node whose agent is silent (no message at all, Pongs included) this long is down;
+    /// a node can set its own under `nodes:`.
+    #[serde(default = "default_node_timeout", with = "humantime_serde")]
+    pub node_timeout: Duration,
+    /// A connected node whose oldest unacknowledged result is older than this raises an alert.
+    #[serde(default = "default_backlog_alert", with = "humantime_serde")]
+    pub backlog_alert: Duration,
+}
+
+fn default_node_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_backlog_alert() -> Duration {
+    Duration::from_secs(300)
 }
 
 fn default_http_listen() -> Option<SocketAddr> {
@@ -216,6 +230,63 @@ pub struct NodeConfig {
     /// `via: auto` when the agent is not connected.
     #[serde(default)]
     pub ssh: Option<crate::ssh::SshConfig>,
+    /// This node's agent may be silent this long before the node is down (default: the
+    /// top-level `node_timeout`).
+    #[serde(default, with = "humantime_serde")]
+    pub node_timeout: Option<Duration>,
+    /// How the collector heals this node's agent over SSH when it is down (needs `ssh:`).
+    #[serde(default)]
+    pub agent_control: AgentControl,
+}
+
+/// `agent_control:` under a node: how to tell over SSH whether the agent runs, and restart it.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentControl {
+    /// Restart a down agent over SSH (when the node has an `ssh:` block).
+    #[serde(default = "yes")]
+    pub heal: bool,
+    /// Exits 0 when the agent runs (default: `systemctl is-active --quiet vigil-agent`).
+    #[serde(default = "d_agent_check")]
+    pub check: Vec<String>,
+    /// Starts or restarts the agent (default: `systemctl restart vigil-agent`).
+    #[serde(default = "d_agent_restart")]
+    pub restart: Vec<String>,
+    /// Restarts allowed within `within` (default 3 per hour).
+    #[serde(default = "d_max_restarts")]
+    pub max_restarts: u32,
+    #[serde(default = "d_within", with = "humantime_serde")]
+    pub within: Duration,
+    /// Each SSH command is given this long (default 30 s).
+    #[serde(default = "d_agent_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+impl Default for AgentControl {
+    fn default() -> Self {
+        AgentControl {
+            heal: true,
+            check: d_agent_check(),
+            restart: d_agent_restart(),
+            max_restarts: d_max_restarts(),
+            within: d_within(),
+            timeout: d_agent_timeout(),
+        }
+    }
+}
+
+fn d_agent_check() -> Vec<String> {
+    ["systemctl", "is-active", "--quiet", "vigil-agent"]
+        .map(String::from)
+        .to_vec()
+}
+fn d_agent_restart() -> Vec<String> {
+    ["systemctl", "restart", "vigil-agent"]
+        .map(String::from)
+        .to_vec()
+}
+fn d_agent_timeout() -> Duration {
+    Duration::from_secs(30)
 }
 
 fn yes() -> bool {
@@ -336,7 +407,35 @@ pub struct ServiceFile {
     /// alerts name the dependency.
     #[serde(default)]
     pub depends_on: Vec<String>,
+    /// With no result for this long the service is stale (default: interval × 2 + timeout +
+    /// 5 s).
+    #[serde(default, with = "humantime_serde")]
+    pub stale_after: Option<Duration>,
+    /// What a stale service raises: `alert` (default) or `ignore`.
+    #[serde(default)]
+    pub on_stale: OnStale,
 }
+
+/// `on_stale:` in a service file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnStale {
+    #[default]
+    Alert,
+    Ignore,
+}
+
+impl OnStale {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnStale::Alert => "alert",
+            OnStale::Ignore => "ignore",
+        }
+    }
+}
+
+/// Added to interval × 2 + timeout for the default `stale_after`.
+pub const STALE_GRACE: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -394,10 +493,22 @@ pub struct Service {
     pub grace: Duration,
     pub depends_on: Vec<String>,
     pub command_deadline: Duration,
+    /// `stale_after` as written (None: derived from the check's interval and timeout).
+    pub stale_after_explicit: Option<Duration>,
+    pub on_stale: OnStale,
     /// The file it came from.
     pub source: PathBuf,
     /// Which of the values that runtime settings can replace the service file set itself.
     pub explicit: Explicit,
+}
+
+impl Service {
+    /// No result for this long makes the service stale: `stale_after` as written, or the
+    /// check's interval × 2 + its timeout + [`STALE_GRACE`].
+    pub fn stale_after(&self) -> Duration {
+        self.stale_after_explicit
+            .unwrap_or(self.check.interval * 2 + self.check.timeout + STALE_GRACE)
+    }
 }
 
 /// Values a service file set itself (runtime settings replace only the others).
@@ -446,6 +557,10 @@ pub struct Config {
     pub defaults: Defaults,
     /// Runtime settings in force (`None`: none stored yet, the files alone decide).
     pub settings: Option<HealthSettings>,
+    /// Default silence after which a node is down (`node_timeout`).
+    pub node_timeout: Duration,
+    /// Age of the oldest unacknowledged result that raises a backlog alert.
+    pub backlog_alert: Duration,
     /// Each node's services and their thresholds, built once at load (ingest reads it per batch).
     thresholds_by_node: HashMap<String, std::sync::Arc<HashMap<String, Thresholds>>>,
     /// Position of each service in `services` by id (ingest looks a service up per result).
@@ -519,8 +634,29 @@ impl Config {
                 "after and recover_after must be at least 1",
             ));
         }
+        if file.node_timeout < Duration::from_secs(1) {
+            return Err(invalid(path, "node_timeout", "must be at least 1s"));
+        }
+        if file.backlog_alert < Duration::from_secs(1) {
+            return Err(invalid(path, "backlog_alert", "must be at least 1s"));
+        }
         let mut file = file;
         for (i, n) in file.nodes.iter_mut().enumerate() {
+            if n.node_timeout.is_some_and(|t| t < Duration::from_secs(1)) {
+                return Err(invalid(
+                    path,
+                    format!("nodes[{i}].node_timeout"),
+                    "must be at least 1s",
+                ));
+            }
+            let ac = &n.agent_control;
+            if ac.check.is_empty() || ac.restart.is_empty() {
+                return Err(invalid(
+                    path,
+                    format!("nodes[{i}].agent_control"),
+                    "check and restart must be non-empty argument vectors",
+                ));
+            }
             if let Some(ssh) = &mut n.ssh {
                 for p in [&mut ssh.key, &mut ssh.password_file, &mut ssh.known_hosts]
                     .into_iter()
@@ -679,6 +815,8 @@ impl Config {
             metrics_token,
             defaults: file.defaults,
             settings: None,
+            node_timeout: file.node_timeout,
+            backlog_alert: file.backlog_alert,
             path: path.to_path_buf(),
             grpc_listen: file.grpc_listen,
             database_url,
@@ -759,6 +897,9 @@ impl Config {
                 "a service cannot depend on itself",
             ));
         }
+        if sf.stale_after.is_some_and(|d| d < Duration::from_secs(1)) {
+            return Err(invalid(f, "stale_after", "must be at least 1s"));
+        }
         if thresholds.after == 0 {
             return Err(invalid(f, "on_failure.after", "must be at least 1"));
         }
@@ -781,6 +922,8 @@ impl Config {
             grace: of.grace.unwrap_or(d.grace),
             depends_on: sf.depends_on,
             command_deadline: d.command_deadline,
+            stale_after_explicit: sf.stale_after,
+            on_stale: sf.on_stale,
             source: f.to_path_buf(),
             explicit: Explicit {
                 interval: false,
@@ -838,6 +981,11 @@ impl Config {
         // `nodes` is public: the index is checked against it, never trusted blindly.
         let n = self.node_at.get(name).and_then(|&i| self.nodes.get(i));
         n.filter(|n| n.name == name)
+    }
+
+    /// How long `node`'s agent may be silent before the node is down.
+    pub fn node_timeout_of(&self, node: &NodeConfig) -> Duration {
+        node.node_timeout.unwrap_or(self.node_timeout)
     }
 
     pub fn service(&self, id: &str) -> Option<&Service> {

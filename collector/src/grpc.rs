@@ -26,12 +26,14 @@ use crate::tls::node_of_certificate;
 /// Most results accepted in one batch.
 pub const MAX_BATCH: usize = 5_000;
 const HELLO_TIMEOUT: Duration = Duration::from_secs(15);
+/// Pings go out this often, or three times per node timeout if that is shorter: a live agent's
+/// Pongs keep it from being declared down.
 const PING_EVERY: Duration = Duration::from_secs(30);
 /// An agent that sends nothing (not even a Pong) for this long is dropped.
 const IDLE_LIMIT: Duration = Duration::from_secs(120);
-const MAX_MESSAGE_CHARS: usize = 1_024;
-const MAX_OUTPUT_CHARS: usize = 8 * 1024;
-const MAX_METRICS: usize = 64;
+/// `nodes.last_seen` is written at most this often per session (or four times per node
+/// timeout if that is shorter); liveness is judged from it.
+const TOUCH_EVERY: Duration = Duration::from_secs(10);
 
 type Tx = mpsc::Sender<Result<CollectorMessage, Status>>;
 
@@ -54,6 +56,9 @@ pub struct Hub {
     pub metrics: crate::metrics::Metrics,
     /// This hub, for work that must outlive the caller (commands run over SSH on their own task).
     me: std::sync::Weak<Hub>,
+    /// When this collector started: silence is counted from here at the earliest (a collector
+    /// that was away heard nothing, which says nothing about the nodes).
+    pub started_at: chrono::DateTime<Utc>,
 }
 
 fn fnv1a(h: &mut u64, bytes: &[u8]) {
@@ -110,6 +115,7 @@ impl Hub {
             sessions: std::sync::Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             shutdown: CancellationToken::new(),
+            started_at: Utc::now(),
         })
     }
 
@@ -209,17 +215,12 @@ pub struct AgentSvc {
     pub hub: Arc<Hub>,
 }
 
-fn clip(mut s: String, max: usize) -> String {
-    if s.len() > max {
-        s = vigil_checks::truncate(&s, max);
-    }
-    s
-}
-
-/// Wire result → domain result, with every field bounded.
-fn result_in(r: v1::CheckResult) -> ResultIn {
-    let mut metrics: Vec<vigil_checks::Metric> = r.metrics.into_iter().map(Into::into).collect();
-    metrics.truncate(MAX_METRICS);
+/// Wire result → domain result, with every string NUL-free and bounded and at most
+/// [`vigil_proto::sanitize::MAX_METRICS`] metrics (the agent did so already; a collector never
+/// trusts it).
+pub fn result_in(mut r: v1::CheckResult) -> ResultIn {
+    vigil_proto::sanitize::result(&mut r);
+    let metrics: Vec<vigil_checks::Metric> = r.metrics.into_iter().map(Into::into).collect();
     ResultIn {
         seq: r.seq,
         started_at: Utc
@@ -228,8 +229,8 @@ fn result_in(r: v1::CheckResult) -> ResultIn {
             .unwrap_or_else(Utc::now),
         duration_ms: r.duration_ms,
         status: vigil_proto::status_from_wire(r.status),
-        message: clip(r.message, MAX_MESSAGE_CHARS),
-        output: clip(r.output, MAX_OUTPUT_CHARS),
+        message: r.message,
+        output: r.output,
         service_id: r.service_id,
         metrics,
         config_version: r.config_version,
@@ -275,8 +276,12 @@ impl AgentSvc {
                 hello.node
             )));
         }
-        if hello.outbox_epoch == 0 {
-            return Err(Status::invalid_argument("Hello.outbox_epoch must not be 0"));
+        if hello.outbox_epoch == 0 || hello.outbox_epoch > i64::MAX as u64 {
+            tracing::warn!(peer = ?peer, node = %hello.node, epoch = hello.outbox_epoch, "agent refused: outbox epoch out of range");
+            return Err(Status::invalid_argument(format!(
+                "Hello.outbox_epoch must be in 1..=2^63-1, got {}; upgrade the agent (it renews an old epoch when it opens its outbox)",
+                hello.outbox_epoch
+            )));
         }
         Ok(hello)
     }
@@ -338,6 +343,23 @@ impl v1::agent_service_server::AgentService for AgentSvc {
         {
             tracing::error!(%node, error = %e, "cannot record agent connection");
         }
+        if let Err(e) = self
+            .hub
+            .store
+            .outbox_opened(&node, hello.outbox_epoch, hello.epoch_start_seq)
+            .await
+        {
+            tracing::error!(%node, error = %e, "cannot record the agent's outbox");
+        }
+        if let Some(st) = &hello.status
+            && let Err(e) = self
+                .hub
+                .store
+                .outbox_status(&node, hello.outbox_epoch, &outbox_status(st))
+                .await
+        {
+            tracing::error!(%node, error = %e, "cannot record the agent's backlog");
+        }
         // Commands that waited for this agent go out now.
         let hub = self.hub.clone();
         let n = node.clone();
@@ -351,12 +373,15 @@ impl v1::agent_service_server::AgentService for AgentSvc {
         tracing::info!(
             %node, peer = ?peer, agent_version = %hello.agent_version,
             config_version = hello.config_version, first_unacked_seq = hello.first_unacked_seq,
+            next_seq = hello.next_seq,
+            backlog = hello.status.as_ref().map_or(0, |s| s.outbox_depth),
             "agent connected"
         );
 
         let hub = self.hub.clone();
+        let epoch = hello.outbox_epoch;
         tokio::spawn(async move {
-            let reason = run_session(&hub, &node, inbound, &tx).await;
+            let reason = run_session(&hub, &node, epoch, inbound, &tx).await;
             drop(tx);
             let gone = hub.unregister(&node, id);
             hub.count_agents();
@@ -375,15 +400,34 @@ impl v1::agent_service_server::AgentService for AgentSvc {
     }
 }
 
+fn outbox_status(s: &v1::AgentStatus) -> crate::store::OutboxStatus {
+    crate::store::OutboxStatus {
+        depth: s.outbox_depth,
+        oldest_age_ms: s.oldest_unacked_age_ms,
+        dropped_total: s.dropped_total,
+        dropped_through_seq: s.dropped_through_seq,
+    }
+}
+
 /// Serves one agent until it goes away; returns why it ended.
 async fn run_session(
     hub: &Hub,
     node: &str,
+    epoch: u64,
     mut inbound: Streaming<AgentMessage>,
     tx: &Tx,
 ) -> String {
-    let mut ping = tokio::time::interval(PING_EVERY);
+    let timeout = {
+        let cfg = hub.config().await;
+        cfg.node(node)
+            .map_or(cfg.node_timeout, |n| cfg.node_timeout_of(n))
+    };
+    let mut ping = tokio::time::interval(PING_EVERY.min(timeout / 3));
     ping.tick().await;
+    let touch_every = TOUCH_EVERY.min(timeout / 4);
+    // The Hello was recorded with last_seen = now().
+    let mut touched = tokio::time::Instant::now();
+    let mut dropped_total = None;
     let mut nonce = 0u64;
     loop {
         let next = tokio::select! {
@@ -402,7 +446,32 @@ async fn run_session(
             Ok(Ok(None)) => return "agent closed the stream".into(),
             Ok(Ok(Some(m))) => m,
         };
+        // Any message is a sign of life (a status carries its own).
+        let is_status = matches!(m.msg, Some(In::Status(_)));
+        if !is_status && touched.elapsed() >= touch_every {
+            touched = tokio::time::Instant::now();
+            if let Err(e) = hub.store.touch_node(node).await {
+                tracing::error!(%node, error = %e, "cannot record that the agent is alive");
+            }
+        }
         match m.msg {
+            Some(In::Status(st)) => {
+                // A drop is recorded before the batch that shows its gap is ingested.
+                let dropped_changed = dropped_total != Some(st.dropped_total);
+                if dropped_changed || touched.elapsed() >= touch_every {
+                    dropped_total = Some(st.dropped_total);
+                    touched = tokio::time::Instant::now();
+                    if let Err(e) = hub
+                        .store
+                        .outbox_status(node, epoch, &outbox_status(&st))
+                        .await
+                    {
+                        tracing::error!(%node, error = %e, "cannot record the agent's backlog");
+                    }
+                }
+                hub.metrics
+                    .set_backlog(node, st.outbox_depth, st.oldest_unacked_age_ms);
+            }
             Some(In::Results(batch)) => {
                 if let Err(status) = ingest(hub, node, batch, tx).await {
                     let text = status.message().to_string();
@@ -440,24 +509,50 @@ async fn ingest(hub: &Hub, node: &str, batch: v1::ResultBatch, tx: &Tx) -> Resul
             "ResultBatch.outbox_epoch must not be 0",
         ));
     }
+    if batch.outbox_epoch > i64::MAX as u64 {
+        return Err(Status::invalid_argument(format!(
+            "ResultBatch.outbox_epoch must be at most 2^63-1, got {}",
+            batch.outbox_epoch
+        )));
+    }
     let Some(up_to) = batch.results.iter().map(|r| r.seq).max() else {
         return Ok(());
     };
     let cfg = hub.config().await;
     let thresholds = cfg.thresholds_of(node);
     let total = batch.results.len();
-    let results: Vec<ResultIn> = batch
-        .results
-        .into_iter()
-        .filter(|r| r.seq > 0 && thresholds.contains_key(&r.service_id))
-        .map(result_in)
-        .collect();
-    if results.len() < total {
+    // Results that cannot be stored under their key are refused, each with its reason, and
+    // acknowledged with the batch: sending them again could never succeed.
+    let mut refused: Vec<String> = Vec::new();
+    let mut results: Vec<ResultIn> = Vec::with_capacity(total);
+    for r in batch.results {
+        if r.seq == 0 || r.seq > i64::MAX as u64 {
+            let mut service = r.service_id;
+            vigil_proto::sanitize::text(&mut service, 64);
+            refused.push(format!(
+                "result seq {} of service {service:?} refused: seq must be in 1..=2^63-1",
+                r.seq
+            ));
+        } else if thresholds.contains_key(&r.service_id) {
+            results.push(result_in(r));
+        } else {
+            let mut service = r.service_id;
+            vigil_proto::sanitize::text(&mut service, 64);
+            refused.push(format!(
+                "result seq {} refused: service {service:?} is not assigned to node {node}",
+                r.seq
+            ));
+        }
+    }
+    if !refused.is_empty() {
         tracing::warn!(
-            %node,
-            dropped = total - results.len(),
-            "results for services not assigned to this node (or with seq 0) were dropped"
+            %node, refused = refused.len(), first = %refused[0],
+            "results refused (not stored; acknowledged so that the agent does not send them again)"
         );
+        hub.metrics.results_refused(node, refused.len());
+        if let Err(e) = hub.store.refused(node, &refused).await {
+            tracing::error!(%node, error = %e, "cannot record refused results");
+        }
     }
     let started = std::time::Instant::now();
     let report = hub
@@ -468,6 +563,12 @@ async fn ingest(hub: &Hub, node: &str, batch: v1::ResultBatch, tx: &Tx) -> Resul
             tracing::error!(%node, error = %e, "cannot store results; the agent keeps them and will resend");
             Status::unavailable(format!("the collector cannot store results now: {e}"))
         })?;
+    for g in &report.gaps {
+        hub.metrics.results_missing(node, g.lost, g.dropped);
+    }
+    if !report.replaced.is_empty() {
+        hub.metrics.results_replaced(node, report.replaced.len());
+    }
     hub.metrics.observe_ingest_batch(started.elapsed());
     for r in &results {
         let kind = cfg
@@ -496,6 +597,12 @@ pub async fn after_ingest(hub: &Hub, node: &str, report: &crate::store::IngestRe
     let cfg = hub.config().await;
     hub.metrics.ingested(&cfg, report);
     let after = |id: &str| report.states.iter().find(|s| s.service_id == id);
+    for service in &report.fresh_again {
+        tracing::info!(%node, %service, "stale service has a result again");
+        if let Some(svc) = cfg.service(service) {
+            hub.notifier.fresh(svc, "a result arrived again");
+        }
+    }
     for (service, t) in &report.transitions {
         tracing::info!(%node, %service, from = %t.from, to = %t.to, reason = %t.reason, "service state changed");
         let Some(svc) = cfg.service(service) else {

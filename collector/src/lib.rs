@@ -7,6 +7,7 @@ pub mod ca;
 pub mod config;
 pub mod doctor;
 pub mod grpc;
+pub mod liveness;
 pub mod metrics;
 pub mod notify;
 pub mod remediation;
@@ -109,7 +110,10 @@ impl Collector {
             loop {
                 tokio::select! {
                     _ = ticker_hub.shutdown.cancelled() => return,
-                    _ = every.tick() => remediation::tick(&ticker_hub).await,
+                    _ = every.tick() => {
+                        liveness::pass(&ticker_hub).await;
+                        remediation::tick(&ticker_hub).await;
+                    }
                 }
             }
         });

@@ -166,7 +166,9 @@ async fn main() -> anyhow::Result<()> {
             let cfg = Config::load(&config)?;
             let store = Store::connect(&cfg.database_url, 1).await?;
             let rows = store.status().await?;
-            print!("{}", status::render(&rows, chrono::Utc::now()));
+            let now = chrono::Utc::now();
+            print!("{}", status::render(&rows, now));
+            print!("{}", status::render_nodes(&store.nodes().await?, now));
             Ok(())
         }
         Command::Ctl {

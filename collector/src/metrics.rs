@@ -2,8 +2,18 @@
 //! `/metrics` endpoint served on its own listen address.
 //!
 //! Exported (OpenMetrics text):
-//! - `vigil_service_up{service,node,category}`: 1 while the service is healthy, else 0;
-//!   loaded from the database at start-up ([`init`]) and kept current after every ingest.
+//! - `vigil_service_up{service,node,category}`: 1 while the service is healthy and its newest
+//!   result is fresh, else 0 (stale counts as not up); loaded from the database at start-up
+//!   ([`init`]) and kept current after every ingest and every liveness pass.
+//! - `vigil_node_up{node}`: 1 while a node's agent is heard from within its `node_timeout` (and
+//!   for agentless nodes), 0 while the node is down.
+//! - `vigil_results_lost_total{node}`: seqs missing from a node's outbox that the agent did not
+//!   report dropping; `vigil_results_dropped_total{node}`: those it dropped itself (outbox full);
+//!   `vigil_results_refused_total{node}`: results refused (out-of-range seq, another node's
+//!   service); `vigil_results_replaced_total{node}`: results PostgreSQL refused for good, stored
+//!   as UNKNOWN results saying why.
+//! - `vigil_agent_backlog_results{node}`, `vigil_agent_backlog_oldest_seconds{node}`: what each
+//!   connected agent holds unacknowledged, and the age of the oldest.
 //! - `vigil_check_duration_seconds{kind}`: run time of check results received from agents.
 //! - `vigil_results_ingested_total`, `vigil_results_duplicate_total`: results stored / already
 //!   stored (resent after a lost acknowledgement).
@@ -40,6 +50,11 @@ struct ServiceLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct NodeLabels {
+    node: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct KindLabels {
     kind: String,
 }
@@ -68,6 +83,19 @@ pub struct Metrics {
     agents_connected: Gauge,
     commands: Family<CommandLabels, Counter>,
     ingest_batch: Histogram,
+    node_up: Family<NodeLabels, Gauge>,
+    results_lost: Family<NodeLabels, Counter>,
+    results_dropped: Family<NodeLabels, Counter>,
+    results_refused: Family<NodeLabels, Counter>,
+    results_replaced: Family<NodeLabels, Counter>,
+    backlog_results: Family<NodeLabels, Gauge>,
+    backlog_oldest: Family<NodeLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+}
+
+fn node_labels(node: &str) -> NodeLabels {
+    NodeLabels {
+        node: node.to_string(),
+    }
 }
 
 impl Default for Metrics {
@@ -125,7 +153,58 @@ impl Metrics {
             Unit::Seconds,
             ingest_batch.clone(),
         );
+        let node_up = Family::<NodeLabels, Gauge>::default();
+        registry.register(
+            "vigil_node_up",
+            "1 while the node's agent is heard from within node_timeout, 0 while the node is down",
+            node_up.clone(),
+        );
+        let results_lost = Family::<NodeLabels, Counter>::default();
+        registry.register(
+            "vigil_results_lost",
+            "Results missing from a node's outbox seqs that the agent did not report dropping",
+            results_lost.clone(),
+        );
+        let results_dropped = Family::<NodeLabels, Counter>::default();
+        registry.register(
+            "vigil_results_dropped",
+            "Results the agent reported dropping itself because its outbox was full",
+            results_dropped.clone(),
+        );
+        let results_refused = Family::<NodeLabels, Counter>::default();
+        registry.register(
+            "vigil_results_refused",
+            "Results refused and not stored (seq out of range, service not assigned to the node)",
+            results_refused.clone(),
+        );
+        let results_replaced = Family::<NodeLabels, Counter>::default();
+        registry.register(
+            "vigil_results_replaced",
+            "Results PostgreSQL refused for good, stored as UNKNOWN results that say why",
+            results_replaced.clone(),
+        );
+        let backlog_results = Family::<NodeLabels, Gauge>::default();
+        registry.register(
+            "vigil_agent_backlog_results",
+            "Results the node's agent holds unacknowledged, as it last reported",
+            backlog_results.clone(),
+        );
+        let backlog_oldest =
+            Family::<NodeLabels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+        registry.register_with_unit(
+            "vigil_agent_backlog_oldest",
+            "Age of the oldest result the node's agent holds unacknowledged, as it last reported",
+            Unit::Seconds,
+            backlog_oldest.clone(),
+        );
         Metrics {
+            node_up,
+            results_lost,
+            results_dropped,
+            results_refused,
+            results_replaced,
+            backlog_results,
+            backlog_oldest,
             registry,
             service_up,
             service_labels: Mutex::new(HashMap::new()),
@@ -217,6 +296,51 @@ impl Metrics {
             .set(i64::try_from(n).unwrap_or(i64::MAX));
     }
 
+    /// Sets `vigil_node_up` of one node.
+    pub fn set_node_up(&self, node: &str, up: bool) {
+        self.node_up
+            .get_or_create(&node_labels(node))
+            .set(i64::from(up));
+    }
+
+    /// Counts seqs missing from `node`'s outbox: `lost` unaccounted for, `dropped` by the agent.
+    pub fn results_missing(&self, node: &str, lost: u64, dropped: u64) {
+        if lost > 0 {
+            self.results_lost
+                .get_or_create(&node_labels(node))
+                .inc_by(lost);
+        }
+        if dropped > 0 {
+            self.results_dropped
+                .get_or_create(&node_labels(node))
+                .inc_by(dropped);
+        }
+    }
+
+    /// Counts results of `node` refused before storage.
+    pub fn results_refused(&self, node: &str, n: usize) {
+        self.results_refused
+            .get_or_create(&node_labels(node))
+            .inc_by(n as u64);
+    }
+
+    /// Counts results of `node` that PostgreSQL refused and that were stored as UNKNOWN.
+    pub fn results_replaced(&self, node: &str, n: usize) {
+        self.results_replaced
+            .get_or_create(&node_labels(node))
+            .inc_by(n as u64);
+    }
+
+    /// Sets the backlog `node`'s agent reported.
+    pub fn set_backlog(&self, node: &str, results: u64, oldest_age_ms: u64) {
+        self.backlog_results
+            .get_or_create(&node_labels(node))
+            .set(i64::try_from(results).unwrap_or(i64::MAX));
+        self.backlog_oldest
+            .get_or_create(&node_labels(node))
+            .set(oldest_age_ms as f64 / 1000.0);
+    }
+
     /// Counts a finished command (`outcome`: its final status).
     pub fn command_finished(&self, action: &str, outcome: &str) {
         self.commands
@@ -234,15 +358,19 @@ pub async fn init(hub: &Hub) {
     match hub.store.health(None, false).await {
         Ok(rows) => {
             for r in &rows {
-                hub.metrics.init_service_up(
-                    &r.service_id,
-                    &r.node,
-                    &r.category,
-                    r.state == "healthy",
-                );
+                hub.metrics
+                    .init_service_up(&r.service_id, &r.node, &r.category, r.is_up());
             }
         }
         Err(e) => tracing::warn!(error = %e, "cannot load service states for vigil_service_up"),
+    }
+    match hub.store.nodes().await {
+        Ok(rows) => {
+            for n in rows.iter().filter(|n| n.active) {
+                hub.metrics.set_node_up(&n.name, n.down_since.is_none());
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot load node states for vigil_node_up"),
     }
 }
 

@@ -1,5 +1,6 @@
 //! Notifications: a service went down, Vigil gave up restarting it, it recovered, it started
-//! flapping. Sent to generic JSON and Slack-compatible webhooks from a background task (never
+//! flapping, it went stale or fresh again; a node went down or came back, its agent's backlog
+//! grew old or cleared. Sent to generic JSON and Slack-compatible webhooks from a background task (never
 //! blocking the evaluator), with retries, one alert per incident and an optional reminder.
 
 use std::collections::HashMap;
@@ -45,8 +46,10 @@ pub enum WebhookFormat {
 /// One alert, as sent to a `json` webhook.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Alert {
-    /// `down`, `gave_up`, `recovered`, `flapping`, or `reminder`.
+    /// `down`, `gave_up`, `recovered`, `flapping`, `stale`, `fresh`, `node_down`, `node_up`,
+    /// `backlog`, `backlog_cleared`, or `reminder`.
     pub event: String,
+    /// The service (empty for a node's own alerts).
     pub service: String,
     pub name: String,
     pub node: String,
@@ -58,10 +61,16 @@ pub struct Alert {
 impl Alert {
     fn slack_text(&self) -> String {
         let icon = match self.event.as_str() {
-            "recovered" => ":white_check_mark:",
-            "flapping" => ":warning:",
+            "recovered" | "fresh" | "node_up" | "backlog_cleared" => ":white_check_mark:",
+            "flapping" | "stale" | "backlog" => ":warning:",
             _ => ":rotating_light:",
         };
+        if self.service.is_empty() {
+            return format!(
+                "{icon} node *{}*: {} — {}",
+                self.node, self.event, self.reason
+            );
+        }
         format!(
             "{icon} *{}* ({}) on {}: {} — {}",
             self.name, self.service, self.node, self.event, self.reason
@@ -116,6 +125,46 @@ impl Notifier {
     pub fn flapping(&self, svc: &Service, reason: &str) {
         self.send(svc, "flapping", reason)
     }
+    pub fn stale(&self, svc: &Service, reason: &str) {
+        self.send(svc, "stale", reason)
+    }
+    pub fn fresh(&self, svc: &Service, reason: &str) {
+        self.send(svc, "fresh", reason)
+    }
+
+    /// An alert about a node itself (`node_down`, `node_up`, `backlog`, `backlog_cleared`).
+    pub fn node(&self, node: &str, event: &str, reason: &str) {
+        let Some(tx) = &self.tx else { return };
+        let alert = Alert {
+            event: event.into(),
+            service: String::new(),
+            name: node.into(),
+            node: node.into(),
+            category: "node".into(),
+            reason: reason.into(),
+            at: Utc::now(),
+        };
+        if tx.try_send(alert).is_err() {
+            tracing::error!(%node, event, "notification queue full; alert dropped");
+        }
+    }
+}
+
+/// Which incident an alert belongs to, whether it opens (true) or closes (false) it; None for
+/// alerts outside incidents.
+fn incident_of(a: &Alert) -> Option<(String, bool)> {
+    let (family, opens) = match a.event.as_str() {
+        "down" => ("service", true),
+        "recovered" => ("service", false),
+        "stale" => ("stale", true),
+        "fresh" => ("stale", false),
+        "node_down" => ("node", true),
+        "node_up" => ("node", false),
+        "backlog" => ("backlog", true),
+        "backlog_cleared" => ("backlog", false),
+        _ => return None,
+    };
+    Some((format!("{family}:{}:{}", a.node, a.service), opens))
 }
 
 /// Open incidents: the down alert that opened each, for de-duplication and reminders.
@@ -159,32 +208,32 @@ async fn run(cfg: NotifyConfig, mut rx: mpsc::Receiver<Alert>) {
                 continue;
             }
         };
-        // One alert per incident: down opens it, recovered closes it.
-        let send = match alert.event.as_str() {
-            "down" => {
-                if open.contains_key(&alert.service) {
-                    false
-                } else {
-                    open.insert(
-                        alert.service.clone(),
-                        Incident {
-                            alert: alert.clone(),
-                            last_sent: tokio::time::Instant::now(),
-                            gave_up_sent: false,
-                        },
-                    );
-                    true
+        // One alert per incident: down (stale, node_down, backlog) opens it, recovered (fresh,
+        // node_up, backlog_cleared) closes it.
+        let send = match (alert.event.as_str(), incident_of(&alert)) {
+            ("gave_up", _) => {
+                let key = format!("service:{}:{}", alert.node, alert.service);
+                match open.get_mut(&key) {
+                    Some(i) if i.gave_up_sent => false,
+                    Some(i) => {
+                        i.gave_up_sent = true;
+                        true
+                    }
+                    None => true,
                 }
             }
-            "gave_up" => match open.get_mut(&alert.service) {
-                Some(i) if i.gave_up_sent => false,
-                Some(i) => {
-                    i.gave_up_sent = true;
+            (_, Some((key, true))) => match open.entry(key) {
+                std::collections::hash_map::Entry::Occupied(_) => false,
+                std::collections::hash_map::Entry::Vacant(v) => {
+                    v.insert(Incident {
+                        alert: alert.clone(),
+                        last_sent: tokio::time::Instant::now(),
+                        gave_up_sent: false,
+                    });
                     true
                 }
-                None => true,
             },
-            "recovered" => open.remove(&alert.service).is_some(),
+            (_, Some((key, false))) => open.remove(&key).is_some(),
             _ => true,
         };
         if send {
@@ -207,7 +256,7 @@ async fn deliver(client: &reqwest::Client, cfg: &NotifyConfig, alert: &Alert) {
             }
             match req.send().await {
                 Ok(r) if r.status().is_success() => {
-                    tracing::info!(service = %alert.service, event = %alert.event, "notification sent");
+                    tracing::info!(service = %alert.service, node = %alert.node, event = %alert.event, "notification sent");
                     break;
                 }
                 Ok(r) => {
@@ -285,6 +334,8 @@ mod tests {
             grace: Duration::ZERO,
             depends_on: vec![],
             command_deadline: Duration::from_secs(60),
+            stale_after_explicit: None,
+            on_stale: crate::config::OnStale::Alert,
             source: "api.yaml".into(),
             explicit: Default::default(),
         }
@@ -338,6 +389,21 @@ mod tests {
             .map(|v| v["event"].as_str().unwrap().to_string())
             .collect();
         assert_eq!(events, ["down", "gave_up", "recovered", "down"]);
+        // Node and staleness incidents are their own: one alert each way.
+        n.node("n1", "node_down", "its agent disconnected");
+        n.node("n1", "node_down", "still");
+        n.stale(&s, "no result for 95 s");
+        n.stale(&s, "still");
+        n.fresh(&s, "a result arrived");
+        n.node("n1", "node_up", "back");
+        n.node("n1", "node_up", "again");
+        wait_len(&json, 8).await;
+        let events: Vec<String> = json.lock().unwrap()[4..]
+            .iter()
+            .map(|v| v["event"].as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(events, ["node_down", "stale", "fresh", "node_up"]);
+        assert_eq!(json.lock().unwrap()[4]["service"], "");
         let first = json.lock().unwrap()[0].clone();
         assert_eq!(first["service"], "api");
         assert_eq!(first["node"], "n1");

@@ -57,7 +57,8 @@ pub fn decide(
     if v.state != State::Down || svc.action != FailureAction::Restart || svc.control.is_none() {
         return Decision::Nothing;
     }
-    if v.in_flight || v.flapping || !deps_down.is_empty() {
+    // Stale: what the service is like now is not known; the last result is no reason to act.
+    if v.in_flight || v.flapping || v.stale || !deps_down.is_empty() {
         return Decision::Nothing;
     }
     if v.grace_until.is_some_and(|g| now < g) {
@@ -615,6 +616,21 @@ pub async fn recover(hub: &Hub) {
     tick(hub).await;
     if let Ok(rows) = hub.store.open_commands().await {
         for row in rows.iter().filter(|r| r.status == "sent") {
+            if row.action == "restart-agent" {
+                // Ran over SSH by the previous run; its outcome is unknown, and running it
+                // again is the next liveness pass's decision, not a resend.
+                let _ = hub
+                    .store
+                    .finish_command(
+                        row.id,
+                        "failed",
+                        None,
+                        "the collector restarted while the agent restart ran",
+                        None,
+                    )
+                    .await;
+                continue;
+            }
             tracing::info!(command_id = row.id, service = %row.service_id, "re-sending a command left in flight by the previous run");
             if let Err(e) = hub.store.requeue(row.id).await {
                 tracing::error!(command_id = row.id, error = %e, "cannot requeue command");
@@ -657,6 +673,8 @@ mod tests {
             grace: Duration::from_secs(60),
             depends_on: vec![],
             command_deadline: Duration::from_secs(300),
+            stale_after_explicit: None,
+            on_stale: crate::config::OnStale::Alert,
             source: "s.yaml".into(),
             explicit: Default::default(),
         }
@@ -676,6 +694,7 @@ mod tests {
             in_flight: false,
             last_error_at: None,
             last_restart_at: None,
+            stale: false,
         }
     }
 
@@ -701,6 +720,10 @@ mod tests {
         let now = Utc::now();
         let s = svc();
         for v in [
+            ServiceView {
+                stale: true,
+                ..down()
+            },
             ServiceView {
                 in_flight: true,
                 ..down()

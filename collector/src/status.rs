@@ -1,8 +1,42 @@
-//! `vigil-collector status`: the services table, rendered as aligned text for a terminal.
+//! `vigil-collector status`: the services table, rendered as aligned text for a terminal, and a
+//! line for every node that is down, whose results went missing, or whose backlog is old.
 
 use chrono::{DateTime, Utc};
 
-use crate::store::StatusRow;
+use crate::store::{NodeRow, StatusRow};
+
+/// One line per node that needs attention (nothing when all are well).
+pub fn render_nodes(nodes: &[NodeRow], now: DateTime<Utc>) -> String {
+    let mut out = String::new();
+    for n in nodes.iter().filter(|n| n.active) {
+        if n.down_since.is_some() {
+            out.push_str(&format!(
+                "NODE {} DOWN since {}: {}\n",
+                n.name,
+                ago(n.down_since, now),
+                one_line(n.down_reason.as_deref().unwrap_or(""), 120)
+            ));
+        }
+        if n.backlog_alert_since.is_some() {
+            out.push_str(&format!(
+                "NODE {} BACKLOG: {} results held by its agent, the oldest taken {}\n",
+                n.name,
+                n.backlog_results.unwrap_or(0),
+                ago(n.backlog_oldest_at, now)
+            ));
+        }
+        if n.results_lost > 0 {
+            out.push_str(&format!(
+                "NODE {} LOST {} result(s) (never received; see its events)\n",
+                n.name, n.results_lost
+            ));
+        }
+    }
+    if !out.is_empty() {
+        out.insert(0, '\n');
+    }
+    out
+}
 
 fn ago(t: Option<DateTime<Utc>>, now: DateTime<Utc>) -> String {
     let Some(t) = t else { return "never".into() };

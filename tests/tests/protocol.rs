@@ -64,6 +64,7 @@ fn hello() -> AgentMessage {
             outbox_epoch: EPOCH,
             first_unacked_seq: 1,
             inventory_json: String::new(),
+            ..Default::default()
         })),
     }
 }

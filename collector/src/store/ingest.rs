@@ -32,6 +32,39 @@ pub enum Dedupe {
     PerResult,
 }
 
+/// Seqs missing from an outbox: `from..=to`, of which `dropped` the agent reported dropping
+/// itself (outbox full) and `lost` nobody accounts for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Gap {
+    pub epoch: u64,
+    pub from: u64,
+    pub to: u64,
+    pub dropped: u64,
+    pub lost: u64,
+}
+
+/// The gaps that `fresh` (sorted, above `stored`) leaves after `stored`; seqs up to
+/// `dropped_through` were dropped by the agent.
+pub(crate) fn gaps_of(epoch: u64, stored: i64, fresh: &[i64], dropped_through: i64) -> Vec<Gap> {
+    let mut out = Vec::new();
+    let mut prev = stored;
+    for &seq in fresh {
+        if seq > prev + 1 {
+            let (from, to) = (prev + 1, seq - 1);
+            let dropped = (to.min(dropped_through) - from + 1).max(0);
+            out.push(Gap {
+                epoch,
+                from: from as u64,
+                to: to as u64,
+                dropped: dropped as u64,
+                lost: (to - from + 1 - dropped) as u64,
+            });
+        }
+        prev = prev.max(seq);
+    }
+    out
+}
+
 /// From this many new results on, a batch is written with COPY; fewer go in with one INSERT.
 pub const COPY_FROM: usize = 32;
 
@@ -91,25 +124,102 @@ impl Store {
         } else {
             None
         };
-        if dedupe == Dedupe::PerResult {
-            return self
-                .ingest_once(node, epoch, results, thresholds, Write::Insert)
-                .await;
-        }
-        match self
-            .ingest_once(node, epoch, results, thresholds, Write::Copy)
-            .await
-        {
-            Err(StoreError::Sql(e)) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
+        let first = if dedupe == Dedupe::PerResult {
+            self.ingest_once(node, epoch, results, thresholds, Write::Insert)
+                .await
+        } else {
+            match self
+                .ingest_once(node, epoch, results, thresholds, Write::Copy)
+                .await
+            {
+                Err(StoreError::Sql(e))
+                    if e.code() == Some(&SqlState::UNIQUE_VIOLATION)
+                        && e.as_db_error().and_then(|d| d.constraint())
+                            == Some(super::RESULT_KEY) =>
+                {
+                    tracing::warn!(
+                        %node, epoch,
+                        "results above the outbox's stored seq were already in the database (written by an older collector?); storing this batch result by result"
+                    );
+                    self.ingest_once(node, epoch, results, thresholds, Write::InsertOutbox)
+                        .await
+                }
+                done => done,
+            }
+        };
+        match first {
+            Err(e) if e.is_permanent() => {
                 tracing::warn!(
-                    %node, epoch,
-                    "results above the outbox's stored seq were already in the database (written by an older collector?); storing this batch result by result"
+                    %node, epoch, results = results.len(), error = %e,
+                    "PostgreSQL refused this batch for good; storing it result by result and replacing the results it refuses"
                 );
-                self.ingest_once(node, epoch, results, thresholds, Write::InsertOutbox)
+                self.ingest_each(node, epoch, results, thresholds, dedupe)
                     .await
             }
             done => done,
         }
+    }
+
+    /// Stores a batch that PostgreSQL refused for a permanent reason one result at a time, in
+    /// seq order: a result it refuses again is replaced by an UNKNOWN result that says why
+    /// (without its metrics and output), so that one bad value never blocks a node. A
+    /// transient error still fails the whole call (what was stored stays; the rest is re-sent).
+    async fn ingest_each(
+        &self,
+        node: &str,
+        epoch: u64,
+        results: &[ResultIn],
+        thresholds: &HashMap<String, Thresholds>,
+        dedupe: Dedupe,
+    ) -> Result<IngestReport, StoreError> {
+        let write = match dedupe {
+            Dedupe::Outbox => Write::InsertOutbox,
+            Dedupe::PerResult => Write::Insert,
+        };
+        let mut sorted: Vec<&ResultIn> = results.iter().collect();
+        sorted.sort_by_key(|r| r.seq);
+        let mut report = IngestReport::default();
+        for r in sorted {
+            match self
+                .ingest_once(node, epoch, std::slice::from_ref(r), thresholds, write)
+                .await
+            {
+                Ok(one) => report.absorb(one),
+                Err(e) if e.is_permanent() => {
+                    let why = e.to_string();
+                    tracing::error!(
+                        %node, epoch, seq = r.seq, service = %r.service_id, error = %why,
+                        "PostgreSQL refused a result; storing an UNKNOWN result in its place"
+                    );
+                    let stand_in = ResultIn {
+                        status: vigil_checks::Status::Unknown,
+                        message: vigil_checks::truncate(
+                            &format!(
+                                "this result could not be stored ({why}); the check reported {}",
+                                r.status.as_str()
+                            ),
+                            1000,
+                        ),
+                        metrics: Vec::new(),
+                        output: String::new(),
+                        ..r.clone()
+                    };
+                    let mut one = self
+                        .ingest_once(
+                            node,
+                            epoch,
+                            std::slice::from_ref(&stand_in),
+                            thresholds,
+                            write,
+                        )
+                        .await?;
+                    one.replaced.push((r.seq, why));
+                    report.absorb(one);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(report)
     }
 
     async fn ingest_once(
@@ -122,6 +232,7 @@ impl Store {
     ) -> Result<IngestReport, StoreError> {
         let epoch = epoch as i64;
         let top = results.iter().map(|r| r.seq as i64).max().unwrap_or(0);
+        let mut gaps = Vec::new();
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
         // Prepared once per pooled connection (a parse and plan per statement otherwise).
@@ -149,7 +260,7 @@ impl Store {
                 .await?;
             let read = tx
                 .prepare_cached(
-                    "SELECT stored_seq FROM outbox_progress
+                    "SELECT stored_seq, dropped_through_seq FROM outbox_progress
                      WHERE node = $1 AND outbox_epoch = $2 FOR UPDATE",
                 )
                 .await?;
@@ -162,11 +273,17 @@ impl Store {
                 tx.execute(&advance, &key_top),
                 tx.query(&lock, &lock_params),
             )?;
+            let dropped_through: i64 = stored.get(1);
             let stored: i64 = stored.get(0);
             let mut fresh: Vec<&ResultIn> =
                 results.iter().filter(|r| r.seq as i64 > stored).collect();
             fresh.sort_by_key(|r| r.seq);
             fresh.dedup_by_key(|r| r.seq);
+            let seqs: Vec<i64> = fresh.iter().map(|r| r.seq as i64).collect();
+            gaps = gaps_of(epoch as u64, stored, &seqs, dropped_through);
+            if !gaps.is_empty() {
+                record_gaps(&tx, node, &gaps).await?;
+            }
             if fresh.len() >= COPY_FROM {
                 copy_results(&tx, node, epoch, &fresh).await?;
             } else if !fresh.is_empty() {
@@ -198,6 +315,7 @@ impl Store {
         let mut report = IngestReport {
             inserted: fresh.len(),
             duplicates: results.len() - fresh.len(),
+            gaps,
             ..IngestReport::default()
         };
         let new: Vec<&ResultIn> = fresh
@@ -214,9 +332,60 @@ impl Store {
 
 /// Locks the state rows of services `$1`, in id order (the order every writer locks them in).
 const LOCK_STATES: &str = "SELECT service_id, state, consecutive_failures, consecutive_successes,
-                                  history, history_len, flapping, grace_until, mode
+                                  history, history_len, flapping, grace_until, mode, stale_since
                            FROM service_state WHERE service_id = ANY($1)
                            ORDER BY service_id FOR UPDATE";
+
+/// Records `gaps` of `node`'s outbox as node events and adds them to the node's counters.
+async fn record_gaps(tx: &Transaction<'_>, node: &str, gaps: &[Gap]) -> Result<(), StoreError> {
+    let mut kinds = Vec::new();
+    let mut reasons = Vec::new();
+    let mut counts = Vec::new();
+    for g in gaps {
+        if g.lost > 0 {
+            tracing::error!(
+                %node, epoch = g.epoch, from = g.from, to = g.to, lost = g.lost,
+                "results missing from the agent's outbox: lost (never received, not reported dropped)"
+            );
+            kinds.push("gap");
+            reasons.push(format!(
+                "{} result(s) lost: seqs {}..={} of outbox {} never arrived and the agent did not report dropping them",
+                g.lost, g.from, g.to, g.epoch
+            ));
+            counts.push(g.lost as i64);
+        }
+        if g.dropped > 0 {
+            tracing::warn!(
+                %node, epoch = g.epoch, from = g.from, to = g.to, dropped = g.dropped,
+                "results the agent dropped because its outbox was full"
+            );
+            kinds.push("dropped");
+            reasons.push(format!(
+                "{} result(s) dropped by the agent (outbox full): seqs {}..={} of outbox {}",
+                g.dropped,
+                g.from,
+                g.to.min(g.from + g.dropped - 1),
+                g.epoch
+            ));
+            counts.push(g.dropped as i64);
+        }
+    }
+    let lost: i64 = gaps.iter().map(|g| g.lost as i64).sum();
+    let dropped: i64 = gaps.iter().map(|g| g.dropped as i64).sum();
+    tx.execute(
+        "INSERT INTO node_events (node, kind, reason, count)
+         SELECT $1, k, r, c FROM UNNEST($2::text[], $3::text[], $4::int8[]) AS e(k, r, c)",
+        &[&node, &kinds, &reasons, &counts],
+    )
+    .await?;
+    tx.execute(
+        "UPDATE nodes SET results_lost = results_lost + $2, results_dropped = results_dropped + $3
+         WHERE name = $1",
+        &[&node, &lost, &dropped],
+    )
+    .await?;
+    Ok(())
+}
 
 const ADVANCE_PROGRESS: &str = "UPDATE outbox_progress SET stored_seq = GREATEST(stored_seq, $3)
                                 WHERE node = $1 AND outbox_epoch = $2";
@@ -341,6 +510,7 @@ async fn advance_states(
         grace_until: Option<DateTime<Utc>>,
         became_healthy: bool,
         mode: String,
+        stale: bool,
     }
     let mut slots: HashMap<String, Slot> = HashMap::new();
     for row in locked {
@@ -360,6 +530,7 @@ async fn advance_states(
                 grace_until: row.get(7),
                 became_healthy: false,
                 mode: row.get(8),
+                stale: row.get::<_, Option<DateTime<Utc>>>(9).is_some(),
             },
         );
     }
@@ -427,6 +598,9 @@ async fn advance_states(
         u_hlen.push(t.history_len as i32);
         u_flap.push(t.flapping);
         u_healthy.push(slot.became_healthy);
+        if slot.stale {
+            report.fresh_again.push(id.to_string());
+        }
         report.states.push(ServiceAfter {
             service_id: id.to_string(),
             state: t.state,
@@ -444,7 +618,8 @@ async fn advance_states(
                    last_error_at = COALESCE(u.last_error_at, s.last_error_at),
                    history = u.history, history_len = u.history_len, flapping = u.flapping,
                    healthy_since = CASE WHEN u.became_healthy THEN now()
-                                        WHEN u.state = 'healthy' THEN s.healthy_since ELSE NULL END
+                                        WHEN u.state = 'healthy' THEN s.healthy_since ELSE NULL END,
+                   last_result_at = now(), stale_since = NULL, stale_reason = NULL
                  FROM UNNEST($1::text[], $2::text[], $3::bool[], $4::int4[], $5::int4[], $6::int2[],
                              $7::timestamptz[], $8::int4[], $9::text[], $10::text[],
                              $11::timestamptz[], $12::int8[], $13::int4[], $14::bool[], $15::bool[])
@@ -470,6 +645,13 @@ async fn advance_states(
         e_from.push(t.from.as_str());
         e_to.push(t.to.as_str());
         e_reason.push(t.reason.clone());
+    }
+    for id in &report.fresh_again {
+        e_id.push(id);
+        e_kind.push("stale");
+        e_from.push("stale");
+        e_to.push("fresh");
+        e_reason.push("a result arrived again".to_string());
     }
     for (id, f) in &report.flaps {
         let (to, reason) = if f.flapping {

@@ -12,7 +12,9 @@ use crate::config::Config;
 use crate::state::{FlapChange, State, Transition};
 
 mod ingest;
-pub use ingest::{COPY_FROM, Dedupe, RESULT_COLUMNS, RESULT_TYPES};
+pub use ingest::{COPY_FROM, Dedupe, Gap, RESULT_COLUMNS, RESULT_TYPES};
+mod liveness;
+pub use liveness::*;
 mod web;
 pub use web::*;
 
@@ -33,10 +35,59 @@ pub enum StoreError {
     Pool(#[from] deadpool_postgres::PoolError),
     #[error("PostgreSQL is not keeping up: passing results waited {0:?} for a database connection")]
     Busy(Duration),
-    #[error("database: {0}")]
+    #[error("database: {}", sql_text(.0))]
     Sql(#[from] tokio_postgres::Error),
     #[error("migrations failed: {0}")]
     Migrate(#[from] refinery::Error),
+}
+
+/// A PostgreSQL error with its SQLSTATE, message, detail and constraint (tokio-postgres's own
+/// text is only "db error").
+pub fn sql_text(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => {
+            let mut t = format!("SQLSTATE {}: {}", db.code().code(), db.message());
+            if let Some(d) = db.detail() {
+                t.push_str(&format!(" ({d})"));
+            }
+            if let Some(c) = db.constraint() {
+                t.push_str(&format!(" [constraint {c}]"));
+            }
+            t
+        }
+        None => {
+            let mut t = e.to_string();
+            let mut src = std::error::Error::source(e);
+            while let Some(s) = src {
+                t.push_str(&format!(": {s}"));
+                src = s.source();
+            }
+            t
+        }
+    }
+}
+
+/// The name of the idempotency key of `check_results`.
+pub const RESULT_KEY: &str = "check_results_node_outbox_epoch_seq_key";
+
+impl StoreError {
+    /// Whether PostgreSQL refused the data itself, so that sending it again can never succeed:
+    /// a data exception (SQLSTATE class 22), an integrity constraint other than the results'
+    /// idempotency key (class 23), or a value too large for a row or an index (54000). Anything
+    /// else (connection lost, pool timeout, serialization failure, shutdown) is transient.
+    pub fn is_permanent(&self) -> bool {
+        let StoreError::Sql(e) = self else {
+            return false;
+        };
+        let Some(db) = e.as_db_error() else {
+            return false;
+        };
+        let code = db.code().code();
+        if code.starts_with("22") || code == "54000" {
+            return true;
+        }
+        code.starts_with("23") && !(code == "23505" && db.constraint() == Some(RESULT_KEY))
+    }
 }
 
 /// A result as the collector ingests it (converted from the wire at the edge).
@@ -62,6 +113,29 @@ pub struct IngestReport {
     pub flaps: Vec<(String, FlapChange)>,
     /// The state of every service that got new results, after them.
     pub states: Vec<ServiceAfter>,
+    /// Services that were stale and got a result again.
+    pub fresh_again: Vec<String>,
+    /// Seqs missing from the outbox before or between this batch's results.
+    pub gaps: Vec<Gap>,
+    /// Results that PostgreSQL refused for good, stored instead as UNKNOWN results saying why.
+    pub replaced: Vec<(u64, String)>,
+}
+
+impl IngestReport {
+    /// Adds what another ingest of the same batch did.
+    fn absorb(&mut self, o: IngestReport) {
+        self.inserted += o.inserted;
+        self.duplicates += o.duplicates;
+        self.transitions.extend(o.transitions);
+        self.flaps.extend(o.flaps);
+        for st in o.states {
+            self.states.retain(|s| s.service_id != st.service_id);
+            self.states.push(st);
+        }
+        self.fresh_again.extend(o.fresh_again);
+        self.gaps.extend(o.gaps);
+        self.replaced.extend(o.replaced);
+    }
 }
 
 /// A service's state after an ingest, and its operator mode (`active`, `stopped`, `paused`).
@@ -217,10 +291,13 @@ impl Store {
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
         for n in &cfg.nodes {
+            let timeout_ms = cfg.node_timeout_of(n).as_millis().min(i64::MAX as u128) as i64;
             tx.execute(
-                "INSERT INTO nodes (name, address, description, active) VALUES ($1, $2, $3, true)
-                 ON CONFLICT (name) DO UPDATE SET address = $2, description = $3, active = true",
-                &[&n.name, &n.address, &n.description],
+                "INSERT INTO nodes (name, address, description, active, has_agent, timeout_ms)
+                 VALUES ($1, $2, $3, true, $4, $5)
+                 ON CONFLICT (name) DO UPDATE SET address = $2, description = $3, active = true,
+                   has_agent = $4, timeout_ms = $5",
+                &[&n.name, &n.address, &n.description, &n.agent, &timeout_ms],
             )
             .await?;
         }
@@ -232,13 +309,15 @@ impl Store {
         .await?;
         for s in &cfg.services {
             let spec = serde_json::to_value(&s.check).unwrap_or(serde_json::Value::Null);
+            let stale_ms = s.stale_after().as_millis().min(i64::MAX as u128) as i64;
             tx.execute(
                 "INSERT INTO services (id, name, category, node, description, check_kind, spec,
-                                       after_failures, recover_after, active, updated_at)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, true, now())
+                                       after_failures, recover_after, active, updated_at,
+                                       stale_after_ms, on_stale)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, true, now(), $10, $11)
                  ON CONFLICT (id) DO UPDATE SET name = $2, category = $3, node = $4, description = $5,
                    check_kind = $6, spec = $7, after_failures = $8, recover_after = $9, active = true,
-                   updated_at = now()",
+                   updated_at = now(), stale_after_ms = $10, on_stale = $11",
                 &[
                     &s.id,
                     &s.name,
@@ -249,6 +328,8 @@ impl Store {
                     &spec,
                     &(s.thresholds.after as i32),
                     &(s.thresholds.recover_after as i32),
+                    &stale_ms,
+                    &s.on_stale.as_str(),
                 ],
             )
             .await?;
@@ -290,7 +371,8 @@ impl Store {
         } else {
             client
                 .execute(
-                    "UPDATE nodes SET agent_connected = false, last_seen = now() WHERE name = $1",
+                    "UPDATE nodes SET agent_connected = false, last_seen = now(), disconnected_at = now()
+                     WHERE name = $1",
                     &[&node],
                 )
                 .await?;
@@ -303,8 +385,13 @@ impl Store {
         let client = self.pool.get().await?;
         let rows = client
             .query(
-                "SELECT s.id, s.node, s.category, COALESCE(st.state, 'unknown'), st.last_check_at,
-                        st.last_response_ms, COALESCE(c.total, 0), COALESCE(c.failed, 0), st.last_error
+                "SELECT s.id, s.node, s.category,
+                        CASE WHEN st.stale_since IS NOT NULL THEN 'stale'
+                             ELSE COALESCE(st.state, 'unknown') END,
+                        st.last_check_at,
+                        st.last_response_ms, COALESCE(c.total, 0), COALESCE(c.failed, 0),
+                        CASE WHEN st.stale_since IS NOT NULL THEN 'stale: ' || st.stale_reason
+                             ELSE st.last_error END
                  FROM services s
                  LEFT JOIN service_state st ON st.service_id = s.id
                  LEFT JOIN LATERAL (
@@ -413,6 +500,8 @@ pub struct ServiceView {
     pub last_error_at: Option<DateTime<Utc>>,
     /// When the last start/restart command finished.
     pub last_restart_at: Option<DateTime<Utc>>,
+    /// No recent result: its state is not known now.
+    pub stale: bool,
 }
 
 /// The channel the collector listens on for new commands (`NOTIFY vigil_commands, 'ID'`).
@@ -586,7 +675,8 @@ impl Store {
                                 AND c.status IN ('pending', 'sent') AND c.action <> 'check'),
                         st.last_error_at,
                         (SELECT max(c.finished_at) FROM commands c WHERE c.service_id = st.service_id
-                                AND c.action IN ('start', 'restart'))
+                                AND c.action IN ('start', 'restart')),
+                        st.stale_since IS NOT NULL
                  FROM service_state st WHERE st.service_id = ANY($1)",
                 &[&ids],
             )
@@ -606,6 +696,7 @@ impl Store {
                 in_flight: r.get(9),
                 last_error_at: r.get(10),
                 last_restart_at: r.get(11),
+                stale: r.get(12),
             })
             .collect())
     }

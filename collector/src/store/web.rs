@@ -34,6 +34,40 @@ pub struct HealthRow {
     pub gave_up_at: Option<DateTime<Utc>>,
     pub checks_24h: i64,
     pub failures_24h: i64,
+    /// Since when the newest result is too old (None: fresh).
+    pub stale_since: Option<DateTime<Utc>>,
+    pub stale_reason: Option<String>,
+    /// Since when the service's node is down, and why (None: up).
+    pub node_down_since: Option<DateTime<Utc>>,
+    pub node_down_reason: Option<String>,
+}
+
+impl HealthRow {
+    /// Healthy, and a recent result says so: the one meaning of "up" everywhere.
+    pub fn is_up(&self) -> bool {
+        self.state == "healthy" && self.stale_since.is_none() && self.node_down_since.is_none()
+    }
+
+    /// The state shown to operators: `stale` while no recent result says anything, else the
+    /// state machine's.
+    pub fn shown_state(&self) -> &str {
+        if self.stale_since.is_some() {
+            "stale"
+        } else {
+            &self.state
+        }
+    }
+
+    /// Why the service is not up when its state alone does not say it: stale, or node down.
+    pub fn reason(&self) -> Option<String> {
+        match (&self.stale_reason, &self.node_down_reason) {
+            (Some(r), _) if self.stale_since.is_some() => Some(format!("stale: {r}")),
+            (_, Some(r)) if self.node_down_since.is_some() => {
+                Some(format!("node {} is down: {r}", self.node))
+            }
+            _ => None,
+        }
+    }
 }
 
 /// One stored check result.
@@ -80,7 +114,28 @@ pub struct NodeRow {
     #[schema(value_type = Object)]
     pub capabilities: Option<serde_json::Value>,
     pub connected_at: Option<DateTime<Utc>>,
+    /// When the agent was last heard from (any message, Pongs included).
     pub last_seen: Option<DateTime<Utc>>,
+    /// Whether an agent runs there (false: the collector checks it over SSH).
+    pub has_agent: bool,
+    /// How long its agent may be silent before the node is down (ms).
+    pub node_timeout_ms: i64,
+    pub disconnected_at: Option<DateTime<Utc>>,
+    /// Since when the node is down (its agent silent longer than its timeout), and why.
+    pub down_since: Option<DateTime<Utc>>,
+    pub down_reason: Option<String>,
+    /// Results the agent holds unacknowledged, as it last reported.
+    pub backlog_results: Option<i64>,
+    /// When the oldest of them was taken (collector clock).
+    pub backlog_oldest_at: Option<DateTime<Utc>>,
+    /// Since when the backlog is too old (an open backlog incident).
+    pub backlog_alert_since: Option<DateTime<Utc>>,
+    /// Results missing from its outbox that the agent did not report dropping.
+    pub results_lost: i64,
+    /// Results the agent dropped itself (outbox full).
+    pub results_dropped: i64,
+    /// Results refused by the collector (out-of-range seq, another node's service).
+    pub results_refused: i64,
 }
 
 /// One service's figures for one UTC day.
@@ -161,9 +216,11 @@ impl Store {
                         st.last_response_ms, st.last_message, st.last_error, st.last_error_at,
                         st.healthy_since, COALESCE(st.state_since, s.updated_at),
                         COALESCE(st.restarts_used, 0), st.gave_up_at,
-                        COALESCE(c.total, 0), COALESCE(c.failed, 0)
+                        COALESCE(c.total, 0), COALESCE(c.failed, 0),
+                        st.stale_since, st.stale_reason, n.down_since, n.down_reason
                  FROM services s
                  LEFT JOIN service_state st ON st.service_id = s.id
+                 LEFT JOIN nodes n ON n.name = s.node
                  LEFT JOIN LATERAL (
                     SELECT count(*) AS total, count(*) FILTER (WHERE r.status >= 2) AS failed
                     FROM check_results r
@@ -200,6 +257,10 @@ impl Store {
                 gave_up_at: r.get(20),
                 checks_24h: r.get(21),
                 failures_24h: r.get(22),
+                stale_since: r.get(23),
+                stale_reason: r.get(24),
+                node_down_since: r.get(25),
+                node_down_reason: r.get(26),
             })
             .collect())
     }
@@ -298,7 +359,10 @@ impl Store {
         let rows = client
             .query(
                 "SELECT name, address, description, active, agent_connected, agent_version,
-                        capabilities, connected_at, last_seen
+                        capabilities, connected_at, last_seen, has_agent, timeout_ms,
+                        disconnected_at, down_since, down_reason, backlog_results,
+                        backlog_oldest_at, backlog_alert_since, results_lost, results_dropped,
+                        results_refused
                  FROM nodes ORDER BY active DESC, name",
                 &[],
             )
@@ -315,6 +379,17 @@ impl Store {
                 capabilities: r.get(6),
                 connected_at: r.get(7),
                 last_seen: r.get(8),
+                has_agent: r.get(9),
+                node_timeout_ms: r.get(10),
+                disconnected_at: r.get(11),
+                down_since: r.get(12),
+                down_reason: r.get(13),
+                backlog_results: r.get(14),
+                backlog_oldest_at: r.get(15),
+                backlog_alert_since: r.get(16),
+                results_lost: r.get(17),
+                results_dropped: r.get(18),
+                results_refused: r.get(19),
             })
             .collect())
     }

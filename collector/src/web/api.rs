@@ -19,7 +19,7 @@ use super::auth::{Caller, Role};
 use super::settings::{HealthConfigBody, HealthConfigView};
 use super::{ApiError, AppState, ErrorBody};
 use crate::config::{Config, Service};
-use crate::store::{CommandRow, DailyRow, EventRow, HealthRow, NodeRow, ResultRow};
+use crate::store::{CommandRow, DailyRow, EventRow, HealthRow, NodeEventRow, NodeRow, ResultRow};
 
 pub fn routes() -> axum::Router<AppState> {
     axum::Router::new()
@@ -47,6 +47,7 @@ pub fn badge(row: &HealthRow) -> &'static str {
     match (row.mode.as_str(), row.flapping, row.state.as_str()) {
         ("stopped", _, _) => "stopped",
         ("paused", _, _) => "paused",
+        _ if row.stale_since.is_some() || row.node_down_since.is_some() => "stale",
         (_, true, _) => "flapping",
         (_, _, "healthy") => "running",
         (_, _, "failing" | "down") => "abnormal",
@@ -95,14 +96,20 @@ pub struct ServiceHealth {
     pub target: String,
     /// Check kind (http, tcp, docker, ...).
     pub check: String,
-    /// running | abnormal | stopped | paused | flapping | unknown
+    /// running | abnormal | stopped | paused | flapping | stale | unknown
     pub status: String,
-    /// State machine: unknown | healthy | failing | down
+    /// unknown | healthy | failing | down (the state machine), or stale: no recent result, so
+    /// nothing is known now (counts as not up)
     pub state: String,
+    /// Why the service is not up when `state` alone does not say: stale (and since when
+    /// nothing arrived), or its node is down.
+    pub reason: Option<String>,
+    pub stale_since: Option<DateTime<Utc>>,
     /// Operator mode: active | stopped | paused
     pub mode: String,
     pub paused_until: Option<DateTime<Utc>>,
     pub flapping: bool,
+    /// Healthy and a recent result says so (false while stale or while the node is down).
     pub is_healthy: bool,
     /// Consecutive failed checks.
     pub error_count: i32,
@@ -133,7 +140,7 @@ pub fn service_health(cfg: &Config, row: &HealthRow, now: DateTime<Utc>) -> Serv
         .node(&row.node)
         .map(|n| n.address.as_str())
         .unwrap_or("");
-    let healthy = row.state == "healthy";
+    let healthy = row.is_up();
     ServiceHealth {
         id: row.service_id.clone(),
         name: row.name.clone(),
@@ -147,7 +154,9 @@ pub fn service_health(cfg: &Config, row: &HealthRow, now: DateTime<Utc>) -> Serv
             .map(|s| s.check.kind.name().to_string())
             .unwrap_or_default(),
         status: badge(row).into(),
-        state: row.state.clone(),
+        state: row.shown_state().to_string(),
+        reason: row.reason(),
+        stale_since: row.stale_since,
         mode: row.mode.clone(),
         paused_until: row.paused_until,
         flapping: row.flapping,
@@ -183,7 +192,7 @@ pub fn service_health(cfg: &Config, row: &HealthRow, now: DateTime<Utc>) -> Serv
 pub struct HealthFilter {
     pub category: Option<String>,
     pub node: Option<String>,
-    /// running | abnormal | stopped | paused | flapping | unknown
+    /// running | abnormal | stopped | paused | flapping | stale | unknown
     pub status: Option<String>,
 }
 
@@ -671,27 +680,28 @@ pub struct NodeView {
     pub node: NodeRow,
     /// Whether the agent holds a stream to this collector now.
     pub connected: bool,
-    /// Whether an agent runs there (false: checked and controlled over SSH).
-    pub has_agent: bool,
+    /// False while the node is down (its agent silent longer than its node timeout).
+    pub up: bool,
     pub services: usize,
+    /// The node's latest events (down, up, gap, dropped, refused, backlog, agent_heal), newest
+    /// first.
+    pub events: Vec<NodeEventRow>,
 }
 
 pub async fn node_views(state: &AppState) -> Result<Vec<NodeView>, ApiError> {
     let cfg = state.hub.config().await;
     let connected = state.hub.connected_nodes();
-    Ok(state
-        .hub
-        .store
-        .nodes()
-        .await?
-        .into_iter()
-        .map(|n| NodeView {
+    let mut out = Vec::new();
+    for n in state.hub.store.nodes().await? {
+        out.push(NodeView {
             connected: connected.contains(&n.name),
-            has_agent: cfg.node(&n.name).is_none_or(|c| c.agent),
+            up: n.down_since.is_none(),
             services: cfg.services_of(&n.name).count(),
+            events: state.hub.store.node_events(&n.name, 10).await?,
             node: n,
-        })
-        .collect())
+        });
+    }
+    Ok(out)
 }
 
 #[utoipa::path(get, path = "/api/nodes",
@@ -729,7 +739,7 @@ impl utoipa::Modify for SecurityAddon {
           events, service_commands, daily, nodes),
     components(schemas(ErrorBody, ServiceHealth, CommandRow, CheckNow, ForceCheck, HealthConfigBody,
                        HealthConfigView, CommandCreated, ResultsPage, EventsPage, ResultRow, EventRow,
-                       DailyRow, NodeRow, NodeView)),
+                       DailyRow, NodeRow, NodeView, NodeEventRow)),
     modifiers(&SecurityAddon)
 )]
 pub struct ApiDoc;

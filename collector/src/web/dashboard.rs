@@ -178,7 +178,7 @@ async fn services_page(
         v
     };
     let statuses: Vec<String> = [
-        "running", "abnormal", "stopped", "paused", "flapping", "unknown",
+        "running", "abnormal", "stale", "stopped", "paused", "flapping", "unknown",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -216,13 +216,13 @@ async fn services_page(
                             td { (h.node) }
                             td.mono { (h.target) }
                             td { (h.category) }
-                            td { span.badge.(h.status) data-field="status" { (h.status) } }
+                            td { span.badge.(h.status) data-field="status" title=(h.reason.as_deref().unwrap_or("")) { (h.status) } }
                             td data-field="uptime" { (h.uptime_seconds.map(human).unwrap_or_else(|| "–".into())) }
                             td data-field="failure_rate" { (failure_rate(h)) }
                             td data-field="response" { (h.last_response_ms.map(|m| format!("{m} ms")).unwrap_or_else(|| "–".into())) }
                             td data-field="last_check" { (ago(h.last_check_at, now)) }
-                            td.error data-field="last_error" title=(h.last_error.as_deref().unwrap_or("")) {
-                                (h.last_error.as_deref().unwrap_or("")) }
+                            @let problem = h.reason.as_deref().or(h.last_error.as_deref()).unwrap_or("");
+                            td.error data-field="last_error" title=(problem) { (problem) }
                             td { (actions(h, &user)) }
                         }
                     }
@@ -257,7 +257,7 @@ async fn events(
                             "uptime": h.uptime_seconds.map(human).unwrap_or_else(|| "–".into()),
                             "response": h.last_response_ms.map(|m| format!("{m} ms")).unwrap_or_else(|| "–".into()),
                             "last_check": ago(h.last_check_at, now),
-                            "last_error": h.last_error.unwrap_or_default(),
+                            "last_error": h.reason.or(h.last_error).unwrap_or_default(),
                             "mode": h.mode,
                         });
                         let text = v.to_string();
@@ -447,20 +447,32 @@ async fn nodes_page(State(state): State<AppState>, User(user): User) -> Result<M
         html! {
             h1 { "Nodes" }
             table.nodes {
-                thead { tr { th { "Node" } th { "Address" } th { "Agent" } th { "Version" } th { "Last seen" } th { "Services" } th { "GPUs" } th { "Capabilities" } } }
+                thead { tr { th { "Node" } th { "Address" } th { "State" } th { "Agent" } th { "Version" } th { "Last seen" } th { "Backlog" } th { "Lost / dropped" } th { "Services" } th { "GPUs" } th { "Events" } th { "Capabilities" } } }
                 tbody { @for n in &nodes {
                     @let caps = n.node.capabilities.clone().unwrap_or_default();
                     @let gpus = caps.pointer("/inventory/gpus").and_then(|g| g.as_array()).cloned().unwrap_or_default();
                     tr data-node=(n.node.name) {
                         td { strong { (n.node.name) } div.muted { (n.node.description) } }
                         td.mono { (n.node.address) }
-                        td { @if !n.has_agent { span.badge.paused { "agentless (SSH)" } }
+                        td data-field="node_state" {
+                            @if n.up { span.badge.running { "up" } }
+                            @else { span.badge.abnormal title=(n.node.down_reason.as_deref().unwrap_or("")) { "down" }
+                                    div.error { (n.node.down_reason.as_deref().unwrap_or("")) " (since " (ago(n.node.down_since, now)) ")" } } }
+                        td { @if !n.node.has_agent { span.badge.paused { "agentless (SSH)" } }
                              @else if n.connected { span.badge.running { "connected" } }
                              @else { span.badge.abnormal { "disconnected" } } }
                         td { (n.node.agent_version.as_deref().unwrap_or("–")) }
                         td { (ago(n.node.last_seen, now)) }
+                        td data-field="backlog" {
+                            @match n.node.backlog_results { Some(b) if b > 0 => {
+                                span.(if n.node.backlog_alert_since.is_some() { "error" } else { "" }) {
+                                    (b) " results, oldest " (ago(n.node.backlog_oldest_at, now)) } }
+                                _ => { "–" } } }
+                        td data-field="lost" { (n.node.results_lost) " / " (n.node.results_dropped) }
                         td { (n.services) }
                         td { @if gpus.is_empty() { "–" } @else { ul { @for g in &gpus { li { (g.get("name").and_then(|v| v.as_str()).unwrap_or("GPU")) } } } } }
+                        td { @if n.events.is_empty() { "–" } @else { details { summary { (n.events[0].kind) " " (ago(Some(n.events[0].at), now)) }
+                            ul { @for e in &n.events { li { (e.at.format("%m-%d %H:%M:%S")) " " strong { (e.kind) } ": " (e.reason) } } } } } }
                         td { @if caps.is_null() { "–" } @else { details { summary { "show" } pre { (serde_json::to_string_pretty(&caps).unwrap_or_default()) } } } }
                     }
                 } }

@@ -1,0 +1,205 @@
+//! The liveness pass: nodes whose agent fell silent go down (and come back), services without a
+//! recent result go stale, old agent backlogs raise alerts, and a down node's agent is restarted
+//! over SSH when the node has an `ssh:` block. Decisions are taken in the database
+//! ([`crate::store::Store::mark_nodes_down`] and friends); this module acts on them.
+
+use std::time::Duration;
+
+use chrono::Utc;
+
+use crate::config::NodeConfig;
+use crate::grpc::Hub;
+use crate::store::NodeChange;
+
+/// How long a node-down alert waits for the SSH heal's outcome before it goes out without it.
+const HEAL_WAIT: Duration = Duration::from_secs(4);
+
+/// One pass (run every few seconds by the collector's ticker).
+pub async fn pass(hub: &Hub) {
+    let since = hub.started_at;
+    match hub.store.mark_nodes_down(since).await {
+        Ok(down) => {
+            for n in down {
+                node_down(hub, n).await;
+            }
+        }
+        Err(e) => tracing::error!(error = %e, "liveness: cannot evaluate nodes"),
+    }
+    match hub.store.mark_nodes_up().await {
+        Ok(up) => {
+            for n in up {
+                let was = n
+                    .down_since
+                    .map(|s| (Utc::now() - s).num_seconds().max(0))
+                    .unwrap_or(0);
+                tracing::info!(node = %n.node, down_for_s = was, "node is up again: its agent is heard from");
+                hub.metrics.set_node_up(&n.node, true);
+                hub.notifier.node(
+                    &n.node,
+                    "node_up",
+                    &format!("its agent is heard from again after {was} s down"),
+                );
+            }
+        }
+        Err(e) => tracing::error!(error = %e, "liveness: cannot evaluate nodes"),
+    }
+    let cfg = hub.config().await;
+    // With scheduled checks suspended (runtime setting enabled: false) silence is expected.
+    if cfg.checks_enabled() {
+        match hub.store.mark_stale(since).await {
+            Ok(stale) => {
+                for s in stale {
+                    tracing::warn!(service = %s.service_id, node = %s.node, reason = %s.reason, "service is stale: no recent result");
+                    if let Some(svc) = cfg.service(&s.service_id) {
+                        hub.metrics.set_service_up(
+                            &svc.id,
+                            &svc.node,
+                            svc.category.as_str(),
+                            false,
+                        );
+                        if s.alert {
+                            hub.notifier.stale(svc, &s.reason);
+                        }
+                    }
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "liveness: cannot evaluate stale services"),
+        }
+    }
+    match hub.store.backlog_pass(cfg.backlog_alert).await {
+        Ok(changes) => {
+            for b in changes {
+                if b.opened {
+                    tracing::warn!(node = %b.node, reason = %b.reason, "agent backlog too old: results are not reaching the collector");
+                    hub.notifier.node(&b.node, "backlog", &b.reason);
+                } else {
+                    tracing::info!(node = %b.node, reason = %b.reason, "agent backlog cleared");
+                    hub.notifier.node(&b.node, "backlog_cleared", &b.reason);
+                }
+            }
+        }
+        Err(e) => tracing::error!(error = %e, "liveness: cannot evaluate agent backlogs"),
+    }
+}
+
+/// A node went down: metric, then — after trying to heal its agent over SSH for a moment — one
+/// alert that says what was found.
+async fn node_down(hub: &Hub, n: NodeChange) {
+    tracing::error!(node = %n.node, reason = %n.reason, "node is down");
+    hub.metrics.set_node_up(&n.node, false);
+    let cfg = hub.config().await;
+    let node = cfg.node(&n.node).cloned();
+    let Some(hub) = hub.arc() else { return };
+    tokio::spawn(async move {
+        let healing = node
+            .filter(|nc| nc.agent_control.heal && nc.ssh.is_some())
+            .map(|nc| {
+                let hub = hub.clone();
+                let reason = n.reason.clone();
+                tokio::spawn(async move { heal(&hub, &nc, &reason).await })
+            });
+        let outcome = match healing {
+            None => String::new(),
+            Some(mut task) => match tokio::time::timeout(HEAL_WAIT, &mut task).await {
+                Ok(Ok(text)) => format!("; {text}"),
+                Ok(Err(e)) => format!("; healing its agent over SSH failed: {e}"),
+                Err(_) => "; restarting its agent over SSH is under way (see the node's events)"
+                    .to_string(),
+            },
+        };
+        hub.notifier
+            .node(&n.node, "node_down", &format!("{}{outcome}", n.reason));
+    });
+}
+
+/// Checks over SSH whether `node`'s agent runs and restarts it if not, within the node's
+/// restart budget; the restart is a `commands` row (origin `auto`, action `restart-agent`).
+/// Returns what was found and done, for the alert.
+pub async fn heal(hub: &Hub, node: &NodeConfig, why: &str) -> String {
+    let Some(ssh) = node.ssh.clone() else {
+        return "no ssh: block to heal its agent with".into();
+    };
+    let ac = &node.agent_control;
+    let host = &node.address;
+    let text = match hub.ssh.run(host, &ssh, &ac.check, Some(ac.timeout)).await {
+        Err(e) => {
+            let t = format!("the node is unreachable over SSH too: {e}");
+            tracing::error!(node = %node.name, error = %e, "node down and unreachable over SSH");
+            t
+        }
+        Ok(o) if o.exit_code == Some(0) => {
+            let t = format!(
+                "over SSH its agent is running ({} exits 0) but does not reach the collector: a network problem, or a hung agent",
+                ac.check.join(" ")
+            );
+            tracing::warn!(node = %node.name, "node down but its agent runs (checked over SSH)");
+            t
+        }
+        Ok(_) => restart(hub, node, &ssh, why).await,
+    };
+    if let Err(e) = hub
+        .store
+        .add_node_event(&node.name, "agent_heal", &text)
+        .await
+    {
+        tracing::error!(node = %node.name, error = %e, "cannot record the agent heal");
+    }
+    text
+}
+
+async fn restart(hub: &Hub, node: &NodeConfig, ssh: &crate::ssh::SshConfig, why: &str) -> String {
+    let ac = &node.agent_control;
+    let deadline = Utc::now() + chrono::Duration::from_std(ac.timeout * 2).unwrap_or_default();
+    let reason = format!("agent not running ({why})");
+    let id = match hub
+        .store
+        .open_agent_restart(&node.name, &reason, deadline, ac.max_restarts, ac.within)
+        .await
+    {
+        Ok(Ok(id)) => id,
+        Ok(Err(refused)) => {
+            tracing::warn!(node = %node.name, %refused, "agent not running; not restarted");
+            return format!("its agent is not running and was not restarted: {refused}");
+        }
+        Err(e) => {
+            tracing::error!(node = %node.name, error = %e, "cannot record the agent restart");
+            return format!("its agent is not running; cannot record a restart: {e}");
+        }
+    };
+    tracing::warn!(node = %node.name, command_id = id, "agent not running: restarting it over SSH");
+    let (status, exit_code, output) = match hub
+        .ssh
+        .run(&node.address, ssh, &ac.restart, Some(ac.timeout))
+        .await
+    {
+        Err(e) => ("failed", None, e.to_string()),
+        Ok(o) if o.timed_out => ("timed_out", None, vigil_checks::excerpt(&o.output, 4096)),
+        Ok(o) if o.exit_code == Some(0) => (
+            "succeeded",
+            o.exit_code,
+            vigil_checks::excerpt(&o.output, 4096),
+        ),
+        Ok(o) => (
+            "failed",
+            o.exit_code,
+            vigil_checks::excerpt(&o.output, 4096),
+        ),
+    };
+    hub.metrics.command_finished("restart-agent", status);
+    if let Err(e) = hub
+        .store
+        .finish_command(id, status, exit_code, &output, None)
+        .await
+    {
+        tracing::error!(node = %node.name, command_id = id, error = %e, "cannot record the agent restart's outcome");
+    }
+    tracing::info!(node = %node.name, command_id = id, %status, "agent restart over SSH finished");
+    if status == "succeeded" {
+        format!("its agent was not running and was restarted over SSH (command {id})")
+    } else {
+        format!(
+            "its agent is not running and restarting it over SSH {status} (command {id}): {}",
+            output.lines().last().unwrap_or("")
+        )
+    }
+}
