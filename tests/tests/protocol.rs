@@ -329,3 +329,302 @@ async fn oversized_and_invalid_messages_are_refused_and_the_collector_keeps_serv
     collector.shutdown().await;
     Ok(())
 }
+
+fn msg_batch(results: Vec<v1::CheckResult>) -> AgentMessage {
+    AgentMessage {
+        msg: Some(In::Results(v1::ResultBatch {
+            outbox_epoch: EPOCH,
+            results,
+        })),
+    }
+}
+
+fn result(seq: u64, message: &str) -> v1::CheckResult {
+    v1::CheckResult {
+        seq,
+        service_id: "svc".into(),
+        started_at_ms: chrono::Utc::now().timestamp_millis(),
+        duration_ms: 1,
+        status: v1::Status::Ok as i32,
+        message: message.into(),
+        ..Default::default()
+    }
+}
+
+async fn node_events(
+    client: &tokio_postgres::Client,
+    kind: &str,
+) -> anyhow::Result<Vec<(String, i64)>> {
+    Ok(client
+        .query(
+            "SELECT reason, count FROM node_events WHERE node = 'n1' AND kind = $1 ORDER BY id",
+            &[&kind],
+        )
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nul_strings_are_stored_sanitised_and_out_of_range_seqs_refused_with_a_reason()
+-> anyhow::Result<()> {
+    let (db, ws, collector) = setup().await?;
+    let client = db.connect().await?;
+    // NUL in the message, the output and a metric label and unit; 1,200 metrics.
+    let mut poison = result(1, "bad\0message");
+    poison.output = "out\0put".into();
+    poison.metrics = (0..1200)
+        .map(|i| v1::Metric {
+            label: format!("x\0y{i}"),
+            value: i as f64,
+            unit: "\0".into(),
+            ..Default::default()
+        })
+        .collect();
+    let huge_seq = (1u64 << 63) + 5;
+    let acks = send_and_acks(
+        channel(&ws, &collector, Some("n1")).await?,
+        vec![
+            msg_batch(vec![poison, result(2, "honest")]),
+            msg_batch(vec![result(huge_seq, "seq too big"), result(3, "honest")]),
+            msg_batch(vec![result(4, "honest after")]),
+            msg_batch(vec![result(u64::MAX, "seq max")]),
+        ],
+        u64::MAX,
+    )
+    .await?;
+    // Every batch acknowledged (the refused results too: sending them again cannot succeed).
+    assert_eq!(acks, vec![2, huge_seq, 4, u64::MAX]);
+    let rows = client
+        .query(
+            "SELECT seq, message, output, jsonb_array_length(metrics), metrics->0->>'label',
+                    metrics->0->>'unit'
+             FROM check_results WHERE node = 'n1' ORDER BY seq",
+            &[],
+        )
+        .await?;
+    let seqs: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
+    assert_eq!(
+        seqs,
+        vec![1, 2, 3, 4],
+        "honest results stored, nothing else"
+    );
+    let (message, output): (String, String) = (rows[0].get(1), rows[0].get(2));
+    assert!(message.starts_with("bad\u{FFFD}message"), "{message}");
+    assert!(
+        message.contains("1200 metrics reported, the first 256 kept"),
+        "{message}"
+    );
+    assert_eq!(output, "out\u{FFFD}put");
+    assert_eq!(rows[0].get::<_, i32>(3), 256);
+    assert_eq!(rows[0].get::<_, String>(4), "x\u{FFFD}y0");
+    assert_eq!(rows[0].get::<_, String>(5), "\u{FFFD}");
+    // The refusals are recorded with their reasons, and counted on the node.
+    let refused = node_events(&client, "refused").await?;
+    assert_eq!(refused.len(), 2, "{refused:?}");
+    assert!(
+        refused[0].0.contains(&huge_seq.to_string()) && refused[0].0.contains("2^63-1"),
+        "{refused:?}"
+    );
+    assert!(refused[1].0.contains(&u64::MAX.to_string()), "{refused:?}");
+    let n: i64 = client
+        .query_one("SELECT results_refused FROM nodes WHERE name = 'n1'", &[])
+        .await?
+        .get(0);
+    assert_eq!(n, 2);
+    collector.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_epoch_above_i64_max_is_refused_at_hello() -> anyhow::Result<()> {
+    let (_db, ws, collector) = setup().await?;
+    let (tx, rx) = mpsc::channel(4);
+    let mut h = hello();
+    if let Some(In::Hello(h)) = &mut h.msg {
+        h.outbox_epoch = (1 << 63) + 1;
+    }
+    tx.send(h).await?;
+    let err = AgentServiceClient::new(channel(&ws, &collector, Some("n1")).await?)
+        .session(ReceiverStream::new(rx))
+        .await
+        .expect_err("an epoch above 2^63-1 must be refused");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
+    assert!(err.message().contains("2^63-1"), "{err}");
+    collector.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gaps_in_an_outbox_are_recorded_and_told_from_the_agents_own_drops() -> anyhow::Result<()> {
+    let (db, ws, collector) = setup().await?;
+    let client = db.connect().await?;
+    let status = |dropped_total, dropped_through_seq| AgentMessage {
+        msg: Some(In::Status(v1::AgentStatus {
+            outbox_depth: 1,
+            oldest_unacked_age_ms: 10,
+            dropped_total,
+            dropped_through_seq,
+        })),
+    };
+    // 1..=3, then 6..=7 (4 and 5 never arrive), then the agent says it dropped up to 9 and
+    // sends 10: 8 and 9 are its own drops.
+    send_and_acks(
+        channel(&ws, &collector, Some("n1")).await?,
+        vec![
+            batch(1..=3, v1::Status::Ok),
+            batch(6..=7, v1::Status::Ok),
+            status(2, 9),
+            batch(10..=10, v1::Status::Ok),
+        ],
+        10,
+    )
+    .await?;
+    let gaps = node_events(&client, "gap").await?;
+    assert_eq!(gaps.len(), 1, "{gaps:?}");
+    assert_eq!(gaps[0].1, 2);
+    assert!(gaps[0].0.contains("seqs 4..=5"), "{gaps:?}");
+    let dropped = node_events(&client, "dropped").await?;
+    assert_eq!(dropped.len(), 1, "{dropped:?}");
+    assert_eq!(dropped[0].1, 2);
+    assert!(dropped[0].0.contains("seqs 8..=9"), "{dropped:?}");
+    let row = client
+        .query_one(
+            "SELECT results_lost, results_dropped, backlog_results FROM nodes WHERE name = 'n1'",
+            &[],
+        )
+        .await?;
+    assert_eq!(
+        (row.get::<_, i64>(0), row.get::<_, i64>(1)),
+        (2, 2),
+        "lost and dropped counted apart"
+    );
+    assert_eq!(row.get::<_, Option<i64>>(2), Some(1), "backlog recorded");
+    // A reconnecting agent that resends what was stored makes no new gap.
+    send_and_acks(
+        channel(&ws, &collector, Some("n1")).await?,
+        vec![batch(6..=11, v1::Status::Ok)],
+        11,
+    )
+    .await?;
+    assert_eq!(node_events(&client, "gap").await?.len(), 1);
+    collector.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_result_postgres_refuses_for_good_is_replaced_and_the_rest_is_stored()
+-> anyhow::Result<()> {
+    let (db, ws, collector) = setup().await?;
+    let client = db.connect().await?;
+    // A constraint other than the idempotency key, as a stand-in for any value PostgreSQL
+    // refuses for good (the sanitiser leaves no NUL to trip on).
+    client
+        .execute(
+            "ALTER TABLE check_results ADD CONSTRAINT no_poison CHECK (message NOT IN ('poison', 'poison again'))",
+            &[],
+        )
+        .await?;
+    let mut many: Vec<v1::CheckResult> = (3..=42).map(|s| result(s, "fine")).collect();
+    many[9].message = "poison".into();
+    let acks = send_and_acks(
+        channel(&ws, &collector, Some("n1")).await?,
+        vec![
+            msg_batch(vec![result(1, "poison again"), result(2, "fine")]),
+            msg_batch(many),
+        ],
+        42,
+    )
+    .await?;
+    assert_eq!(acks, vec![2, 42], "both batches acknowledged");
+    let rows = client
+        .query(
+            "SELECT seq, status, message FROM check_results WHERE node = 'n1' ORDER BY seq",
+            &[],
+        )
+        .await?;
+    let seqs: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
+    assert_eq!(
+        seqs,
+        (1..=42).collect::<Vec<i64>>(),
+        "every seq stored once"
+    );
+    for seq in [1i64, 12] {
+        let r = rows.iter().find(|r| r.get::<_, i64>(0) == seq).unwrap();
+        assert_eq!(r.get::<_, i16>(1), 3, "seq {seq} stored as UNKNOWN");
+        let m: String = r.get(2);
+        assert!(
+            m.contains("could not be stored") && m.contains("23514") && m.contains("no_poison"),
+            "{m}"
+        );
+    }
+    let fine = rows.iter().filter(|r| r.get::<_, i16>(1) == 0).count();
+    assert_eq!(fine, 40);
+    assert!(
+        node_events(&client, "gap").await?.is_empty(),
+        "no seq missing"
+    );
+    collector.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_without_a_recent_result_is_stale_until_one_arrives() -> anyhow::Result<()> {
+    init();
+    let db = pg::test_db().await?;
+    let ws = Workspace::new()?;
+    ws.issue("n1")?;
+    // Checked hourly, stale after 2 s: the test needs no waiting for an hour.
+    ws.write_service(
+        "svc",
+        "id: svc\ncategory: system\nnode: n1\nstale_after: 2s\ncheck:\n  type: command\n  interval: 1h\n  argv: [\"/bin/true\"]\n",
+    )?;
+    let path = ws.write_collector(&db.url, &["n1"])?;
+    let collector = Collector::start(Config::load(&path)?).await?;
+    let client = db.connect().await?;
+    send_and_ack(
+        channel(&ws, &collector, Some("n1")).await?,
+        vec![batch(1..=2, v1::Status::Ok)],
+    )
+    .await?;
+    assert_eq!(stale(&client).await?, ("healthy".into(), None));
+    let reason = vigil_tests::wait_for("svc stale", Duration::from_secs(20), || async {
+        Ok(stale(&client).await?.1)
+    })
+    .await?;
+    assert!(reason.starts_with("no result for"), "{reason}");
+    // The health API's row says so too.
+    let rows = collector.hub.store.health(Some("svc"), false).await?;
+    assert_eq!(rows[0].shown_state(), "stale");
+    assert!(!rows[0].is_up());
+    // One result: fresh again, with both events.
+    send_and_ack(
+        channel(&ws, &collector, Some("n1")).await?,
+        vec![batch(3..=3, v1::Status::Ok)],
+    )
+    .await?;
+    assert_eq!(stale(&client).await?, ("healthy".into(), None));
+    let events: Vec<String> = client
+        .query(
+            "SELECT from_state || '->' || to_state FROM events WHERE kind = 'stale' ORDER BY id",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(events, vec!["healthy->stale", "stale->fresh"]);
+    collector.shutdown().await;
+    Ok(())
+}
+
+async fn stale(client: &tokio_postgres::Client) -> anyhow::Result<(String, Option<String>)> {
+    let r = client
+        .query_one(
+            "SELECT state, stale_reason FROM service_state WHERE service_id = 'svc'",
+            &[],
+        )
+        .await?;
+    Ok((r.get(0), r.get(1)))
+}

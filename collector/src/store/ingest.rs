@@ -204,7 +204,7 @@ impl Store {
                         output: String::new(),
                         ..r.clone()
                     };
-                    let mut one = self
+                    let mut one = match self
                         .ingest_once(
                             node,
                             epoch,
@@ -212,7 +212,38 @@ impl Store {
                             thresholds,
                             write,
                         )
-                        .await?;
+                        .await
+                    {
+                        Err(e) if e.is_permanent() => {
+                            // The reason itself was refused: a stand-in that says less.
+                            let bare = ResultIn {
+                                message:
+                                    "this result could not be stored (see the collector's log)"
+                                        .into(),
+                                ..stand_in
+                            };
+                            match self
+                                .ingest_once(
+                                    node,
+                                    epoch,
+                                    std::slice::from_ref(&bare),
+                                    thresholds,
+                                    write,
+                                )
+                                .await
+                            {
+                                Err(e) if e.is_permanent() => {
+                                    tracing::error!(
+                                        %node, epoch, seq = r.seq, error = %e,
+                                        "PostgreSQL refused even a stand-in for this result; skipped"
+                                    );
+                                    IngestReport::default()
+                                }
+                                other => other?,
+                            }
+                        }
+                        other => other?,
+                    };
                     one.replaced.push((r.seq, why));
                     report.absorb(one);
                 }
@@ -694,4 +725,39 @@ async fn advance_states(
         )?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn g(from: u64, to: u64, dropped: u64, lost: u64) -> Gap {
+        Gap {
+            epoch: 7,
+            from,
+            to,
+            dropped,
+            lost,
+        }
+    }
+
+    #[test]
+    fn gaps_before_and_between_results() {
+        assert_eq!(gaps_of(7, 0, &[1, 2, 3], 0), vec![]);
+        assert_eq!(gaps_of(7, 3, &[4], 0), vec![]);
+        assert_eq!(
+            gaps_of(7, 3, &[6, 7, 10], 0),
+            vec![g(4, 5, 0, 2), g(8, 9, 0, 2)]
+        );
+        // The agent's own drops: wholly, partly, or not at all in a gap.
+        assert_eq!(gaps_of(7, 3, &[10], 9), vec![g(4, 9, 6, 0)]);
+        assert_eq!(gaps_of(7, 3, &[10], 5), vec![g(4, 9, 2, 4)]);
+        assert_eq!(gaps_of(7, 3, &[10], 2), vec![g(4, 9, 0, 6)]);
+        // Huge gaps do not overflow.
+        let top = i64::MAX;
+        assert_eq!(
+            gaps_of(7, 0, &[top], 0),
+            vec![g(1, (top - 1) as u64, 0, (top - 1) as u64)]
+        );
+    }
 }

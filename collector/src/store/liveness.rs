@@ -103,14 +103,14 @@ impl Store {
         let client = self.pool.get().await?;
         let nodes = client
             .prepare_cached(
-                "UPDATE nodes SET last_seen = now(), backlog_results = $2,
-                   backlog_oldest_at = CASE WHEN $2 > 0 THEN now() - $3 * interval '1 millisecond' END,
+                "UPDATE nodes SET last_seen = now(), backlog_results = $2::int8,
+                   backlog_oldest_at = CASE WHEN $2::int8 > 0
+                                            THEN now() - $3::float8 * interval '1 millisecond' END,
                    backlog_status_at = now()
                  WHERE name = $1",
             )
             .await?;
-        let (depth, age) = (i64_of(s.depth), i64_of(s.oldest_age_ms) as f64);
-        client.execute(&nodes, &[&node, &depth, &age]).await?;
+        // The drops first: they decide how the next batch's gaps are told.
         if s.dropped_through_seq > 0 {
             let progress = client
                 .prepare_cached(
@@ -127,6 +127,8 @@ impl Store {
                 )
                 .await?;
         }
+        let (depth, age) = (i64_of(s.depth), i64_of(s.oldest_age_ms) as f64);
+        client.execute(&nodes, &[&node, &depth, &age]).await?;
         Ok(())
     }
 

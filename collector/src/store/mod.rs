@@ -818,7 +818,7 @@ impl Store {
                                     }
                                     Ok(_) => {}
                                     Err(e) => {
-                                        tracing::warn!(error = %e, "command listener connection failed");
+                                        tracing::warn!(error = %sql_text(&e), "command listener connection failed");
                                         break;
                                     }
                                 }
