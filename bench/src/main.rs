@@ -6,6 +6,7 @@
 mod copy;
 mod env;
 mod sim;
+mod stale;
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -40,6 +41,8 @@ use sim::{AgentSim, Arrived, Behaviour, Control, Shared};
 ///   streams  ramps up to --agents streams (10,000) in --step steps: collector RSS and CPU per
 ///            1,000 agents, the most streams held over --duration.
 ///   agent    a real vigil-agent with 20 checks every 30 s for --duration (180 s): RSS and CPU.
+///   stale    the liveness statements over --services services (10,000) on --nodes nodes (100):
+///            a stale pass with nothing due, one marking every service stale, the node pass.
 ///   all      every scenario with its defaults (options given apply to all).
 ///
 /// Build: CARGO_TARGET_DIR=target/bench cargo build --release -p vigil-bench -p vigil-collector
@@ -81,6 +84,11 @@ struct Cli {
     /// Streams opened at the same time while connecting agents.
     #[arg(long, default_value_t = 64)]
     connect_concurrency: usize,
+    /// Stale scenario: services and nodes in the database.
+    #[arg(long, default_value_t = 10_000)]
+    services: usize,
+    #[arg(long, default_value_t = 100)]
+    nodes: usize,
     /// RUST_LOG for the collector subprocess.
     #[arg(long, default_value = "warn")]
     collector_log: String,
@@ -95,6 +103,7 @@ enum Scenario {
     Latency,
     Streams,
     Agent,
+    Stale,
     All,
 }
 
@@ -133,6 +142,7 @@ async fn run(cli: Cli, nofile: u64) -> anyhow::Result<()> {
         (Scenario::Latency, 1),
         (Scenario::Streams, 2),
         (Scenario::Agent, 3),
+        (Scenario::Stale, 4),
     ] {
         if !all && cli.scenario != s {
             continue;
@@ -141,7 +151,8 @@ async fn run(cli: Cli, nofile: u64) -> anyhow::Result<()> {
             0 => ingest(&cli, &pg).await,
             1 => latency(&cli, &pg).await,
             2 => streams(&cli, &pg).await,
-            _ => agent(&cli, &pg).await,
+            3 => agent(&cli, &pg).await,
+            _ => stale::stale(&pg, cli.services, cli.nodes).await,
         };
         match section {
             Ok(text) => {

@@ -428,6 +428,7 @@ async fn run_session(
     // The Hello was recorded with last_seen = now().
     let mut touched = tokio::time::Instant::now();
     let mut dropped_total = None;
+    let mut backlog_empty = None;
     let mut nonce = 0u64;
     loop {
         let next = tokio::select! {
@@ -456,10 +457,13 @@ async fn run_session(
         }
         match m.msg {
             Some(In::Status(st)) => {
-                // A drop is recorded before the batch that shows its gap is ingested.
-                let dropped_changed = dropped_total != Some(st.dropped_total);
-                if dropped_changed || touched.elapsed() >= touch_every {
+                // A drop is recorded before the batch that shows its gap is ingested, and a
+                // backlog that appears or clears at once; otherwise at most every touch_every.
+                let changed = dropped_total != Some(st.dropped_total)
+                    || backlog_empty != Some(st.outbox_depth == 0);
+                if changed || touched.elapsed() >= touch_every {
                     dropped_total = Some(st.dropped_total);
+                    backlog_empty = Some(st.outbox_depth == 0);
                     touched = tokio::time::Instant::now();
                     if let Err(e) = hub
                         .store

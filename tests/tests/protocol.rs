@@ -628,3 +628,42 @@ async fn stale(client: &tokio_postgres::Client) -> anyhow::Result<(String, Optio
         .await?;
     Ok((r.get(0), r.get(1)))
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_old_backlog_opens_an_incident_that_closes_when_it_drains() -> anyhow::Result<()> {
+    let (db, ws, collector) = setup().await?;
+    let client = db.connect().await?;
+    let status = |depth, age_ms| AgentMessage {
+        msg: Some(In::Status(v1::AgentStatus {
+            outbox_depth: depth,
+            oldest_unacked_age_ms: age_ms,
+            ..Default::default()
+        })),
+    };
+    let (tx, rx) = mpsc::channel(16);
+    tx.send(hello()).await?;
+    let _inbound = AgentServiceClient::new(channel(&ws, &collector, Some("n1")).await?)
+        .session(ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    // 5,000 results held, the oldest for 10 minutes (the default threshold is 5).
+    tx.send(status(5000, 600_000)).await?;
+    let reason = vigil_tests::wait_for("backlog incident", Duration::from_secs(20), || async {
+        Ok(node_events(&client, "backlog").await?.pop().map(|e| e.0))
+    })
+    .await?;
+    assert!(reason.contains("5000 result(s)"), "{reason}");
+    let nodes = collector.hub.store.nodes().await?;
+    let n1 = nodes.iter().find(|n| n.name == "n1").unwrap();
+    assert_eq!(n1.backlog_results, Some(5000));
+    assert!(n1.backlog_alert_since.is_some());
+    // Drained: the incident closes, once.
+    tx.send(status(0, 0)).await?;
+    vigil_tests::wait_for("backlog cleared", Duration::from_secs(20), || async {
+        Ok((!node_events(&client, "backlog_cleared").await?.is_empty()).then_some(()))
+    })
+    .await?;
+    assert_eq!(node_events(&client, "backlog").await?.len(), 1);
+    collector.shutdown().await;
+    Ok(())
+}
