@@ -71,10 +71,7 @@ pub fn result(r: &mut CheckResult) -> bool {
     changed |= text(&mut r.service_id, MAX_SERVICE_ID_BYTES);
     changed |= text(&mut r.output, MAX_OUTPUT_BYTES);
     // The note survives the cut: the message is shortened to make room for it.
-    changed |= text(
-        &mut r.message,
-        MAX_MESSAGE_BYTES - note.len(),
-    );
+    changed |= text(&mut r.message, MAX_MESSAGE_BYTES - note.len());
     if !note.is_empty() && !r.message.ends_with(&note) {
         r.message.push_str(&note);
     }
@@ -136,13 +133,22 @@ mod tests {
         let mut r = hostile();
         assert!(result(&mut r));
         assert_eq!(r.metrics.len(), MAX_METRICS);
-        assert!(r.message.ends_with("[1200 metrics reported, the first 256 kept]"), "{}", r.message);
+        assert!(
+            r.message
+                .ends_with("[1200 metrics reported, the first 256 kept]"),
+            "{}",
+            r.message
+        );
         assert!(r.message.starts_with("bad\u{FFFD}m"));
         assert!(r.message.len() <= MAX_MESSAGE_BYTES);
         assert!(r.output.len() <= MAX_OUTPUT_BYTES);
         for s in std::iter::once(&r.message)
             .chain([&r.output, &r.service_id])
-            .chain(r.metrics.iter().flat_map(|m| [&m.label, &m.unit, &m.warn, &m.crit]))
+            .chain(
+                r.metrics
+                    .iter()
+                    .flat_map(|m| [&m.label, &m.unit, &m.warn, &m.crit]),
+            )
         {
             assert!(!s.contains('\0'), "{s:?}");
         }
