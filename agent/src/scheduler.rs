@@ -497,9 +497,11 @@ mod tests {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             let ob2 = ob.clone();
-            let pending = tokio::task::spawn_blocking(move || ob2.pending(0, 100_000).unwrap())
-                .await
-                .unwrap();
+            let pending = tokio::task::spawn_blocking(move || {
+                ob2.pending(0, 100_000, usize::MAX).unwrap().results
+            })
+            .await
+            .unwrap();
             if pred(&pending) {
                 return;
             }
@@ -524,7 +526,7 @@ mod tests {
             .await
             .expect("no notification");
         wait_for(&ob, "two results", |p| p.len() >= 2).await;
-        let p = ob.pending(0, 10).unwrap();
+        let p = ob.pending(0, 10, usize::MAX).unwrap().results;
         let r = &p[0];
         assert_eq!(r.seq, 1);
         assert_eq!(r.service_id, "ok");
@@ -553,11 +555,11 @@ mod tests {
         // Three intervals (plus the first delay) pass with no scheduled run.
         let until = Instant::now() + Duration::from_secs(4);
         while Instant::now() < until {
-            let n = ob.pending(0, 100).unwrap().len();
+            let n = ob.pending(0, 100, usize::MAX).unwrap().results.len();
             assert_eq!(n, 1, "a scheduled check ran while paused");
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        let p = ob.pending(0, 10).unwrap();
+        let p = ob.pending(0, 10, usize::MAX).unwrap().results;
         assert!(p[0].message.contains("run at once"), "{}", p[0].message);
         // Resumed: scheduled runs come back.
         s.apply(&update(2, &[("ok", TRUE)])).await;
@@ -578,7 +580,7 @@ mod tests {
         ))
         .await;
         wait_for(&ob, "an UNKNOWN result", |p| !p.is_empty()).await;
-        let r = &ob.pending(0, 1).unwrap()[0];
+        let r = &ob.pending(0, 1, usize::MAX).unwrap().results[0];
         assert_eq!(r.status, vigil_proto::Status::Unknown as i32);
         assert!(r.message.contains("quantum"), "{}", r.message);
         for kind in vigil_checks::KINDS {
@@ -601,7 +603,7 @@ mod tests {
         ))
         .await;
         wait_for(&ob, "an UNKNOWN result", |p| !p.is_empty()).await;
-        let r = &ob.pending(0, 1).unwrap()[0];
+        let r = &ob.pending(0, 1, usize::MAX).unwrap().results[0];
         assert_eq!(r.status, vigil_proto::Status::Unknown as i32);
         assert!(r.message.contains("interval"), "{}", r.message);
         s.stop_all().await;
@@ -648,7 +650,7 @@ mod tests {
                 && v2.iter().any(|r| r.service_id == "change")
         })
         .await;
-        let p = ob.pending(after - 1, 100_000).unwrap();
+        let p = ob.pending(after - 1, 100_000, usize::MAX).unwrap().results;
         assert!(
             p.iter().all(|r| r.service_id != "drop"),
             "removed check still runs"
@@ -668,7 +670,7 @@ mod tests {
         assert!(!s.run_now("missing", "a test"));
         // Only the request can explain a second result within an hourly interval.
         wait_for(&ob, "the result run at once", |p| p.len() == 2).await;
-        let r = &ob.pending(1, 1).unwrap()[0];
+        let r = &ob.pending(1, 1, usize::MAX).unwrap().results[0];
         assert_eq!(r.service_id, "ok");
         assert_eq!(r.status, vigil_proto::Status::Ok as i32);
         assert!(
