@@ -1,7 +1,8 @@
 //! Runs the assigned checks: one task per check, jittered intervals, a global concurrency limit.
 //!
-//! Each outcome becomes a `CheckResult` that is committed to the outbox before the sender is
-//! woken, so no check ever waits on the collector. [`Scheduler::run_now`] runs a check at once,
+//! Each outcome becomes a `CheckResult`, sanitised ([`vigil_proto::sanitize::result`]: bounded,
+//! NUL-free) and committed to the outbox before the sender is woken, so no check ever waits on
+//! the collector and nothing a check prints can make a result unsendable. [`Scheduler::run_now`] runs a check at once,
 //! out of schedule, through the same path (used by [`crate::docker_events`]); the containers of
 //! the `docker` checks are published on [`Scheduler::docker_targets`].
 
@@ -384,6 +385,8 @@ async fn run_check(
     let interval = plan.interval();
     let mut next = Instant::now() + first_delay(interval);
     let mut paused = shared.paused.subscribe();
+    // Whether this check's output was already reported as cut (said once, then at debug).
+    let mut told_sanitised = false;
     loop {
         let suspended = *paused.borrow_and_update();
         // `Some(why)`: an out-of-schedule run asked for by `Scheduler::run_now`.
@@ -418,7 +421,22 @@ async fn run_check(
         }
 
         let version = shared.version.load(Ordering::SeqCst);
-        let result = to_result(&service_id, started_at, &outcome, version);
+        let mut result = to_result(&service_id, started_at, &outcome, version);
+        if vigil_proto::sanitize::result(&mut result) {
+            if told_sanitised {
+                tracing::debug!(service = %service_id, "check result sanitised");
+            } else {
+                told_sanitised = true;
+                tracing::warn!(
+                    service = %service_id,
+                    metrics = outcome.metrics.len(),
+                    output_bytes = outcome.output.len(),
+                    message_bytes = outcome.message.len(),
+                    "check result cut to the protocol's bounds (NUL replaced, long text cut, at most {} metrics); said once per check",
+                    vigil_proto::sanitize::MAX_METRICS
+                );
+            }
+        }
         let status = outcome.status;
         let outbox = shared.outbox.clone();
         match tokio::task::spawn_blocking(move || outbox.append(result)).await {
@@ -515,6 +533,47 @@ mod tests {
 
     const TRUE: &str = r#"{"type":"command","argv":["/bin/true"],"interval":"1s"}"#;
     const FALSE: &str = r#"{"type":"command","argv":["/bin/false"],"interval":"1s"}"#;
+
+    /// A check that prints invalid UTF-8, NUL bytes and 1,200 perfdata metrics: its result in the
+    /// outbox is valid text without NUL, bounded, with at most 256 metrics and a note saying so.
+    #[tokio::test]
+    async fn a_hostile_check_output_is_stored_sanitised() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ob, _notify, mut s) = setup(dir.path());
+        let script = r"printf 'OK bad \377\376 bytes | '; i=0; while [ $i -lt 1200 ]; do printf 'm%d=%d;80;90;0;100 ' $i $i; i=$((i+1)); done; printf '\n\000tail\377\n'";
+        let spec = serde_json::json!({
+            "type": "command",
+            "argv": ["/bin/sh", "-c", script],
+            "interval": "1h",
+        })
+        .to_string();
+        s.apply(&update(1, &[("hostile", &spec)])).await;
+        wait_for(&ob, "the hostile result", |p| !p.is_empty()).await;
+        let r = &ob.pending(0, 1, usize::MAX).unwrap().results[0];
+        assert_eq!(
+            r.metrics.len(),
+            vigil_proto::sanitize::MAX_METRICS,
+            "{}",
+            r.message
+        );
+        assert!(
+            r.message
+                .ends_with("[1200 metrics reported, the first 256 kept]"),
+            "{}",
+            r.message
+        );
+        assert_eq!(r.metrics[255].label, "m255");
+        assert!(
+            r.output.contains('\u{FFFD}'),
+            "invalid UTF-8 kept visible: {:?}",
+            r.output
+        );
+        for text in [&r.message, &r.output, &r.service_id] {
+            assert!(!text.contains('\0'), "{text:?}");
+        }
+        assert!(vigil_proto::sanitize::encoded_len(r) <= vigil_proto::sanitize::MAX_RESULT_BYTES);
+        s.stop_all().await;
+    }
 
     #[tokio::test]
     async fn command_check_results_reach_the_outbox() {
