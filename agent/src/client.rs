@@ -4,22 +4,31 @@
 //! One task owns the connection and reconnects with capped exponential backoff. Results are read
 //! from the outbox (never from memory), so after any reconnect sending starts again at the first
 //! unacknowledged seq and the collector de-duplicates on (node, epoch, seq).
+//!
+//! The hello and the session's starting point come from one outbox snapshot (one read
+//! transaction), so a result appended meanwhile is never taken for acknowledged. Batches are
+//! bounded by count ([`MAX_BATCH`]) and bytes ([`MAX_BATCH_BYTES`]), and so is what is sent and
+//! not yet acknowledged ([`MAX_IN_FLIGHT`], [`MAX_IN_FLIGHT_BYTES`]); results are sanitised when
+//! read from the outbox ([`Outbox::pending`]). An [`AgentStatus`] goes out every
+//! [`STATUS_INTERVAL`] (the agent's heartbeat) and before any batch that follows a deliberate
+//! drop the collector has not been told about.
 
+use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::sync::{Mutex, Notify, mpsc, watch};
-use tokio::time::Instant;
+use tokio::time::{Instant, MissedTickBehavior};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use vigil_proto::agent_message::Msg as Out;
 use vigil_proto::agent_service_client::AgentServiceClient;
 use vigil_proto::collector_message::Msg as In;
 use vigil_proto::{
-    AgentMessage, Capabilities, CheckResult, CollectorMessage, ConfigUpdate, Hello, Pong,
+    AgentMessage, AgentStatus, Capabilities, CollectorMessage, ConfigUpdate, Hello, Pong,
     ResultBatch,
 };
 
@@ -27,13 +36,22 @@ use crate::backoff::Backoff;
 use crate::cache::ConfigCache;
 use crate::commands::Commands;
 use crate::config::AgentConfig;
-use crate::outbox::Outbox;
+use crate::outbox::{Outbox, Snapshot};
 use crate::scheduler::Scheduler;
 
 /// Most results in one `ResultBatch`.
 pub const MAX_BATCH: usize = 500;
+/// Most bytes of results in one `ResultBatch` ([`vigil_proto::sanitize::encoded_len`]), unless its
+/// only result is larger (a sanitised result is at most
+/// [`vigil_proto::sanitize::MAX_RESULT_BYTES`]): far below [`vigil_proto::MAX_MESSAGE_BYTES`].
+pub const MAX_BATCH_BYTES: usize = 1024 * 1024;
 /// Most results sent and not yet acknowledged (flow control).
 pub const MAX_IN_FLIGHT: u64 = 5000;
+/// Most bytes of results sent and not yet acknowledged (flow control: a batch gets only the room
+/// left, so this is passed only by a batch whose one result is larger than that room).
+pub const MAX_IN_FLIGHT_BYTES: usize = 4 * 1024 * 1024;
+/// How often the agent sends its [`AgentStatus`] while connected (also its heartbeat).
+pub const STATUS_INTERVAL: Duration = Duration::from_secs(10);
 /// The stream is dropped when nothing at all arrives from the collector for this long.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// How long Hello waits for the Docker engine to answer a ping (capability `docker`).
@@ -207,6 +225,47 @@ pub(crate) struct Client {
     /// The node's inventory as JSON for the hello: collected before the first hello, again
     /// after a session that the collector had welcomed ended (cheap, but not free).
     pub inventory: Option<String>,
+    /// How often an [`AgentStatus`] is sent while connected ([`STATUS_INTERVAL`]).
+    pub status_interval: Duration,
+}
+
+/// Milliseconds since the Unix epoch by the agent's clock.
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+fn status_message(status: AgentStatus) -> AgentMessage {
+    AgentMessage {
+        msg: Some(Out::Status(status)),
+    }
+}
+
+/// Batches sent and not yet acknowledged: (last seq, bytes) of each, oldest first.
+#[derive(Debug, Default)]
+struct InFlight {
+    batches: VecDeque<(u64, usize)>,
+    bytes: usize,
+}
+
+impl InFlight {
+    fn push(&mut self, last_seq: u64, bytes: usize) {
+        self.batches.push_back((last_seq, bytes));
+        self.bytes += bytes;
+    }
+
+    /// Forgets the batches acknowledged by `acked` (cumulative).
+    fn release(&mut self, acked: u64) {
+        while let Some(&(last, bytes)) = self.batches.front() {
+            if last > acked {
+                break;
+            }
+            self.batches.pop_front();
+            self.bytes -= bytes;
+        }
+    }
 }
 
 impl Client {
@@ -285,15 +344,8 @@ impl Client {
         json
     }
 
-    async fn hello(&mut self) -> Hello {
-        let first_unacked = self
-            .blocking(|o| o.first_unacked())
-            .await
-            .unwrap_or_else(|e| {
-                tracing::error!(error = %e, "cannot read the outbox");
-                None
-            })
-            .unwrap_or(0);
+    /// The hello for the outbox as `snapshot` shows it (the session starts from the same one).
+    async fn hello(&mut self, snapshot: &Snapshot) -> Hello {
         let inventory_json = self.inventory().await;
         Hello {
             node: self.node.clone(),
@@ -306,9 +358,11 @@ impl Client {
             }),
             config_version: self.scheduler.lock().await.version(),
             outbox_epoch: self.outbox.epoch(),
-            first_unacked_seq: first_unacked,
+            first_unacked_seq: snapshot.first_unacked,
             inventory_json,
-            ..Default::default()
+            next_seq: snapshot.next_seq,
+            epoch_start_seq: snapshot.epoch_start_seq,
+            status: Some(snapshot.status(now_ms())),
         }
     }
 
@@ -333,13 +387,24 @@ impl Client {
             .max_decoding_message_size(vigil_proto::MAX_MESSAGE_BYTES)
             .max_encoding_message_size(vigil_proto::MAX_MESSAGE_BYTES);
 
-        let hello = self.hello().await;
+        // One snapshot for the hello and for where this session starts.
+        let snapshot = match self.blocking(|o| o.snapshot()).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the outbox");
+                return lost(false, format!("cannot read the outbox: {e}"));
+            }
+        };
+        let hello = self.hello(&snapshot).await;
         tracing::debug!(
             config_version = hello.config_version,
             first_unacked_seq = hello.first_unacked_seq,
+            next_seq = hello.next_seq,
+            epoch_start_seq = hello.epoch_start_seq,
+            outbox_depth = snapshot.depth,
+            dropped_total = snapshot.dropped_total,
             "sending hello"
         );
-        let first_unacked = hello.first_unacked_seq;
         let (tx, rx) = mpsc::channel::<AgentMessage>(16);
         let _ = tx
             .send(AgentMessage {
@@ -355,21 +420,23 @@ impl Client {
         };
 
         // Everything up to `acked` is gone from the outbox; everything up to `sent` was sent.
-        let mut acked = if first_unacked > 0 {
-            first_unacked - 1
-        } else {
-            self.blocking(|o| o.next_seq())
-                .await
-                .unwrap_or(1)
-                .saturating_sub(1)
-        };
+        let mut acked = snapshot.acked_through();
         let mut sent = acked;
+        let mut in_flight = InFlight::default();
+        // The collector knows of this many deliberate drops (the hello told it).
+        let mut reported_dropped = snapshot.dropped_total;
         let mut welcomed = false;
         let mut want_send = true;
         let mut last_rx = Instant::now();
+        let period = self.status_interval.max(Duration::from_millis(1));
+        let mut status_tick = tokio::time::interval_at(Instant::now() + period, period);
+        status_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
 
         loop {
-            let can_send = welcomed && want_send && sent.saturating_sub(acked) < MAX_IN_FLIGHT;
+            let can_send = welcomed
+                && want_send
+                && sent.saturating_sub(acked) < MAX_IN_FLIGHT
+                && in_flight.bytes < MAX_IN_FLIGHT_BYTES;
             tokio::select! {
                 _ = shutdown.changed() => return SessionEnd::Shutdown,
                 msg = inbound.message() => {
@@ -384,6 +451,7 @@ impl Client {
                         Err(reason) => return lost(welcomed, reason),
                     }
                     sent = sent.max(acked);
+                    in_flight.release(acked);
                     want_send = true;
                 }
                 _ = tokio::time::sleep_until(last_rx + IDLE_TIMEOUT) => {
@@ -393,33 +461,77 @@ impl Client {
                     ));
                 }
                 _ = self.notify.notified() => want_send = true,
-                permit = tx.reserve(), if can_send => {
-                    let Ok(permit) = permit else {
-                        return lost(welcomed, "the request stream closed".into());
-                    };
-                    let room = (MAX_IN_FLIGHT - sent.saturating_sub(acked)) as usize;
-                    let limit = room.min(MAX_BATCH);
-                    let after = sent;
-                    let batch: Vec<CheckResult> = match self.blocking(move |o| o.pending(after, limit)).await {
-                        Ok(b) => b,
+                _ = status_tick.tick(), if welcomed => {
+                    let snapshot = match self.blocking(|o| o.snapshot()).await {
+                        Ok(s) => s,
                         Err(e) => {
                             tracing::error!(error = %e, "cannot read the outbox");
                             return lost(welcomed, format!("cannot read the outbox: {e}"));
                         }
                     };
-                    match batch.last() {
-                        None => want_send = false,
-                        Some(last) => {
-                            let first = batch[0].seq;
-                            sent = last.seq;
-                            tracing::debug!(first, last = sent, count = batch.len(), "sending results");
-                            permit.send(AgentMessage {
-                                msg: Some(Out::Results(ResultBatch {
-                                    outbox_epoch: self.outbox.epoch(),
-                                    results: batch,
-                                })),
-                            });
+                    // A heartbeat is not worth waiting for: when the stream is backed up, the
+                    // next one goes.
+                    match tx.try_send(status_message(snapshot.status(now_ms()))) {
+                        Ok(()) => reported_dropped = snapshot.dropped_total,
+                        Err(mpsc::error::TrySendError::Full(_)) => {
+                            tracing::debug!("stream backed up; status skipped");
                         }
+                        Err(mpsc::error::TrySendError::Closed(_)) => {
+                            return lost(welcomed, "the request stream closed".into());
+                        }
+                    }
+                }
+                // Room for a status and a batch, so that a drop is reported before the gap.
+                permits = tx.reserve_many(2), if can_send => {
+                    let Ok(mut permits) = permits else {
+                        return lost(welcomed, "the request stream closed".into());
+                    };
+                    let room = (MAX_IN_FLIGHT - sent.saturating_sub(acked)) as usize;
+                    let limit = room.min(MAX_BATCH);
+                    let budget = MAX_BATCH_BYTES.min(MAX_IN_FLIGHT_BYTES - in_flight.bytes);
+                    let after = sent;
+                    let pending = match self.blocking(move |o| o.pending(after, limit, budget)).await {
+                        Ok(p) => p,
+                        Err(e) => {
+                            tracing::error!(error = %e, "cannot read the outbox");
+                            return lost(welcomed, format!("cannot read the outbox: {e}"));
+                        }
+                    };
+                    let (Some(first), Some(last)) = (pending.results.first(), pending.results.last()) else {
+                        want_send = false;
+                        continue;
+                    };
+                    let (first, last) = (first.seq, last.seq);
+                    if pending.outbox.dropped_total != reported_dropped {
+                        // Read with the batch: the collector learns of the drop before the gap.
+                        let status = pending.outbox.status(now_ms());
+                        tracing::warn!(
+                            dropped_total = status.dropped_total,
+                            dropped_through_seq = status.dropped_through_seq,
+                            "telling the collector about results dropped from the full outbox"
+                        );
+                        reported_dropped = status.dropped_total;
+                        if let Some(p) = permits.next() {
+                            p.send(status_message(status));
+                        }
+                    }
+                    sent = last;
+                    in_flight.push(last, pending.bytes);
+                    tracing::debug!(
+                        first,
+                        last,
+                        count = pending.results.len(),
+                        bytes = pending.bytes,
+                        in_flight_bytes = in_flight.bytes,
+                        "sending results"
+                    );
+                    if let Some(p) = permits.next() {
+                        p.send(AgentMessage {
+                            msg: Some(Out::Results(ResultBatch {
+                                outbox_epoch: self.outbox.epoch(),
+                                results: pending.results,
+                            })),
+                        });
                     }
                 }
             }
@@ -513,4 +625,27 @@ async fn docker_available() -> bool {
 
 fn round_ms(d: Duration) -> Duration {
     Duration::from_millis(d.as_millis() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn in_flight_bytes_are_released_by_cumulative_acks() {
+        let mut f = InFlight::default();
+        f.push(10, 100);
+        f.push(20, 200);
+        f.push(30, 300);
+        assert_eq!(f.bytes, 600);
+        // An ack inside a batch releases only the batches it covers completely.
+        f.release(15);
+        assert_eq!((f.bytes, f.batches.len()), (500, 2));
+        f.release(15);
+        assert_eq!(f.bytes, 500);
+        f.release(30);
+        assert_eq!((f.bytes, f.batches.len()), (0, 0));
+        f.release(1000);
+        assert_eq!(f.bytes, 0);
+    }
 }

@@ -5,7 +5,8 @@
 //! Refused at once (success false, exit code -1): an unknown action, a command past its
 //! deadline, a plan that cannot be read, and a second command for a service that has one running.
 //! A result whose stream is gone by the time it is ready is only logged: the collector recovers
-//! pending commands itself.
+//! pending commands itself. Every `CommandResult` (and the check result a check-now carries) is
+//! sanitised ([`vigil_proto::sanitize::command_result`]) before it is sent.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex as StdMutex, PoisonError};
@@ -183,6 +184,10 @@ impl Commands {
                     r
                 }
             };
+            let mut result = result;
+            if vigil_proto::sanitize::command_result(&mut result) {
+                tracing::debug!(command_id = %result.command_id, "command result sanitised");
+            }
             let msg = AgentMessage {
                 msg: Some(Out::CommandResult(result)),
             };
@@ -441,6 +446,42 @@ mod tests {
         assert!(!r.success);
         assert_eq!(r.output, NO_SUCH_CHECK);
         assert!(r.check.is_none());
+        sched.lock().await.stop_all().await;
+    }
+
+    /// Check-now of a check printing NUL bytes and 1,200 metrics: the reply is sanitised, the
+    /// check result it carries included.
+    #[tokio::test]
+    async fn check_now_replies_are_sanitised() {
+        let dir = tempfile::tempdir().unwrap();
+        let ob = Arc::new(Outbox::open(&dir.path().join(outbox::FILE_NAME), 1000).unwrap());
+        let mut s = Scheduler::new(ob, Arc::new(Notify::new()), 2);
+        let script = r"printf 'OK \000 | '; i=0; while [ $i -lt 1200 ]; do printf 'm%d=%d ' $i $i; i=$((i+1)); done";
+        s.apply(&ConfigUpdate {
+            version: 1,
+            checks: vec![CheckAssignment {
+                service_id: "loud".into(),
+                spec_json: serde_json::json!({
+                    "type": "command",
+                    "argv": ["/bin/sh", "-c", script],
+                    "interval": "1h",
+                })
+                .to_string(),
+            }],
+            ..Default::default()
+        })
+        .await;
+        let sched = Arc::new(Mutex::new(s));
+        let mut commands = Commands::new(sched.clone());
+        let (tx, mut rx) = mpsc::channel(8);
+        commands.spawn(command("k\0", "loud", "check", String::new()), tx);
+        let r = reply(&mut rx).await;
+        assert!(r.success, "{r:?}");
+        assert_eq!(r.command_id, "k\u{FFFD}");
+        assert!(!r.output.contains('\0'), "{:?}", r.output);
+        let check = r.check.expect("no check result");
+        assert_eq!(check.metrics.len(), vigil_proto::sanitize::MAX_METRICS);
+        assert!(!check.message.contains('\0') && !check.output.contains('\0'));
         sched.lock().await.stop_all().await;
     }
 

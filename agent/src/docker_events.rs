@@ -365,9 +365,10 @@ mod tests {
         let deadline = Instant::now() + Duration::from_secs(20);
         let results = loop {
             let ob = ob.clone();
-            let p = tokio::task::spawn_blocking(move || ob.pending(0, 10).unwrap())
-                .await
-                .unwrap();
+            let p =
+                tokio::task::spawn_blocking(move || ob.pending(0, 10, usize::MAX).unwrap().results)
+                    .await
+                    .unwrap();
             if p.len() >= 2 {
                 break p;
             }

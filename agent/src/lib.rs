@@ -18,6 +18,7 @@ pub mod scheduler;
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::{Mutex, Notify, watch};
 use tokio::task::JoinHandle;
@@ -29,7 +30,7 @@ use crate::backoff::Backoff;
 use crate::cache::ConfigCache;
 use crate::client::{Client, ClientError};
 use crate::docker_events::DockerEvents;
-use crate::outbox::{Outbox, OutboxError};
+use crate::outbox::{Outbox, OutboxError, Snapshot};
 use crate::scheduler::Scheduler;
 
 /// Errors starting the agent.
@@ -47,6 +48,21 @@ pub enum AgentError {
     Client(#[from] ClientError),
 }
 
+/// Settings of the agent that are not in agent.yaml (tests shorten them).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentOptions {
+    /// How often the agent sends its outbox status while connected.
+    pub status_interval: Duration,
+}
+
+impl Default for AgentOptions {
+    fn default() -> Self {
+        AgentOptions {
+            status_interval: client::STATUS_INTERVAL,
+        }
+    }
+}
+
 /// Entry point of the agent.
 pub struct Agent;
 
@@ -54,6 +70,14 @@ impl Agent {
     /// Opens the outbox, starts the cached checks at once, and starts connecting to the collector
     /// in the background. Fails only on local problems (state dir, outbox, TLS files).
     pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
+        Self::start_with(config, AgentOptions::default()).await
+    }
+
+    /// [`Agent::start`] with `options`.
+    pub async fn start_with(
+        config: AgentConfig,
+        options: AgentOptions,
+    ) -> Result<AgentHandle, AgentError> {
         let state_dir = config.state_dir.clone();
         std::fs::create_dir_all(&state_dir).map_err(|source| AgentError::StateDir {
             path: state_dir.clone(),
@@ -108,6 +132,7 @@ impl Agent {
             state: state_tx,
             backoff: Backoff::new(config.reconnect.initial, config.reconnect.max),
             inventory: None,
+            status_interval: options.status_interval,
         };
         let client_task = tokio::spawn(client.run(shutdown_rx));
         Ok(AgentHandle {
@@ -150,6 +175,14 @@ impl AgentHandle {
             .ok()
             .and_then(Result::ok)
             .unwrap_or(0)
+    }
+
+    /// The outbox as it stands (one read transaction).
+    pub async fn outbox_snapshot(&self) -> Result<Snapshot, OutboxError> {
+        let outbox = self.outbox.clone();
+        tokio::task::spawn_blocking(move || outbox.snapshot())
+            .await
+            .expect("outbox snapshot panicked")
     }
 
     /// Version of the config the checks run under now (0: none).

@@ -1,7 +1,8 @@
 //! Runs the assigned checks: one task per check, jittered intervals, a global concurrency limit.
 //!
-//! Each outcome becomes a `CheckResult` that is committed to the outbox before the sender is
-//! woken, so no check ever waits on the collector. [`Scheduler::run_now`] runs a check at once,
+//! Each outcome becomes a `CheckResult`, sanitised ([`vigil_proto::sanitize::result`]: bounded,
+//! NUL-free) and committed to the outbox before the sender is woken, so no check ever waits on
+//! the collector and nothing a check prints can make a result unsendable. [`Scheduler::run_now`] runs a check at once,
 //! out of schedule, through the same path (used by [`crate::docker_events`]); the containers of
 //! the `docker` checks are published on [`Scheduler::docker_targets`].
 
@@ -384,6 +385,8 @@ async fn run_check(
     let interval = plan.interval();
     let mut next = Instant::now() + first_delay(interval);
     let mut paused = shared.paused.subscribe();
+    // Whether this check's output was already reported as cut (said once, then at debug).
+    let mut told_sanitised = false;
     loop {
         let suspended = *paused.borrow_and_update();
         // `Some(why)`: an out-of-schedule run asked for by `Scheduler::run_now`.
@@ -418,7 +421,22 @@ async fn run_check(
         }
 
         let version = shared.version.load(Ordering::SeqCst);
-        let result = to_result(&service_id, started_at, &outcome, version);
+        let mut result = to_result(&service_id, started_at, &outcome, version);
+        if vigil_proto::sanitize::result(&mut result) {
+            if told_sanitised {
+                tracing::debug!(service = %service_id, "check result sanitised");
+            } else {
+                told_sanitised = true;
+                tracing::warn!(
+                    service = %service_id,
+                    metrics = outcome.metrics.len(),
+                    output_bytes = outcome.output.len(),
+                    message_bytes = outcome.message.len(),
+                    "check result cut to the protocol's bounds (NUL replaced, long text cut, at most {} metrics); said once per check",
+                    vigil_proto::sanitize::MAX_METRICS
+                );
+            }
+        }
         let status = outcome.status;
         let outbox = shared.outbox.clone();
         match tokio::task::spawn_blocking(move || outbox.append(result)).await {
@@ -497,9 +515,11 @@ mod tests {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             let ob2 = ob.clone();
-            let pending = tokio::task::spawn_blocking(move || ob2.pending(0, 100_000).unwrap())
-                .await
-                .unwrap();
+            let pending = tokio::task::spawn_blocking(move || {
+                ob2.pending(0, 100_000, usize::MAX).unwrap().results
+            })
+            .await
+            .unwrap();
             if pred(&pending) {
                 return;
             }
@@ -514,6 +534,47 @@ mod tests {
     const TRUE: &str = r#"{"type":"command","argv":["/bin/true"],"interval":"1s"}"#;
     const FALSE: &str = r#"{"type":"command","argv":["/bin/false"],"interval":"1s"}"#;
 
+    /// A check that prints invalid UTF-8, NUL bytes and 1,200 perfdata metrics: its result in the
+    /// outbox is valid text without NUL, bounded, with at most 256 metrics and a note saying so.
+    #[tokio::test]
+    async fn a_hostile_check_output_is_stored_sanitised() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ob, _notify, mut s) = setup(dir.path());
+        let script = r"printf 'OK bad \377\376 bytes | '; i=0; while [ $i -lt 1200 ]; do printf 'm%d=%d;80;90;0;100 ' $i $i; i=$((i+1)); done; printf '\n\000tail\377\n'";
+        let spec = serde_json::json!({
+            "type": "command",
+            "argv": ["/bin/sh", "-c", script],
+            "interval": "1h",
+        })
+        .to_string();
+        s.apply(&update(1, &[("hostile", &spec)])).await;
+        wait_for(&ob, "the hostile result", |p| !p.is_empty()).await;
+        let r = &ob.pending(0, 1, usize::MAX).unwrap().results[0];
+        assert_eq!(
+            r.metrics.len(),
+            vigil_proto::sanitize::MAX_METRICS,
+            "{}",
+            r.message
+        );
+        assert!(
+            r.message
+                .ends_with("[1200 metrics reported, the first 256 kept]"),
+            "{}",
+            r.message
+        );
+        assert_eq!(r.metrics[255].label, "m255");
+        assert!(
+            r.output.contains('\u{FFFD}'),
+            "invalid UTF-8 kept visible: {:?}",
+            r.output
+        );
+        for text in [&r.message, &r.output, &r.service_id] {
+            assert!(!text.contains('\0'), "{text:?}");
+        }
+        assert!(vigil_proto::sanitize::encoded_len(r) <= vigil_proto::sanitize::MAX_RESULT_BYTES);
+        s.stop_all().await;
+    }
+
     #[tokio::test]
     async fn command_check_results_reach_the_outbox() {
         let dir = tempfile::tempdir().unwrap();
@@ -524,7 +585,7 @@ mod tests {
             .await
             .expect("no notification");
         wait_for(&ob, "two results", |p| p.len() >= 2).await;
-        let p = ob.pending(0, 10).unwrap();
+        let p = ob.pending(0, 10, usize::MAX).unwrap().results;
         let r = &p[0];
         assert_eq!(r.seq, 1);
         assert_eq!(r.service_id, "ok");
@@ -553,11 +614,11 @@ mod tests {
         // Three intervals (plus the first delay) pass with no scheduled run.
         let until = Instant::now() + Duration::from_secs(4);
         while Instant::now() < until {
-            let n = ob.pending(0, 100).unwrap().len();
+            let n = ob.pending(0, 100, usize::MAX).unwrap().results.len();
             assert_eq!(n, 1, "a scheduled check ran while paused");
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        let p = ob.pending(0, 10).unwrap();
+        let p = ob.pending(0, 10, usize::MAX).unwrap().results;
         assert!(p[0].message.contains("run at once"), "{}", p[0].message);
         // Resumed: scheduled runs come back.
         s.apply(&update(2, &[("ok", TRUE)])).await;
@@ -578,7 +639,7 @@ mod tests {
         ))
         .await;
         wait_for(&ob, "an UNKNOWN result", |p| !p.is_empty()).await;
-        let r = &ob.pending(0, 1).unwrap()[0];
+        let r = &ob.pending(0, 1, usize::MAX).unwrap().results[0];
         assert_eq!(r.status, vigil_proto::Status::Unknown as i32);
         assert!(r.message.contains("quantum"), "{}", r.message);
         for kind in vigil_checks::KINDS {
@@ -601,7 +662,7 @@ mod tests {
         ))
         .await;
         wait_for(&ob, "an UNKNOWN result", |p| !p.is_empty()).await;
-        let r = &ob.pending(0, 1).unwrap()[0];
+        let r = &ob.pending(0, 1, usize::MAX).unwrap().results[0];
         assert_eq!(r.status, vigil_proto::Status::Unknown as i32);
         assert!(r.message.contains("interval"), "{}", r.message);
         s.stop_all().await;
@@ -648,7 +709,7 @@ mod tests {
                 && v2.iter().any(|r| r.service_id == "change")
         })
         .await;
-        let p = ob.pending(after - 1, 100_000).unwrap();
+        let p = ob.pending(after - 1, 100_000, usize::MAX).unwrap().results;
         assert!(
             p.iter().all(|r| r.service_id != "drop"),
             "removed check still runs"
@@ -668,7 +729,7 @@ mod tests {
         assert!(!s.run_now("missing", "a test"));
         // Only the request can explain a second result within an hourly interval.
         wait_for(&ob, "the result run at once", |p| p.len() == 2).await;
-        let r = &ob.pending(1, 1).unwrap()[0];
+        let r = &ob.pending(1, 1, usize::MAX).unwrap().results[0];
         assert_eq!(r.service_id, "ok");
         assert_eq!(r.status, vigil_proto::Status::Ok as i32);
         assert!(

@@ -102,7 +102,7 @@ impl AgentService for Fake {
                     Some(Out::CommandResult(c)) => {
                         let _ = events.send(Event::CommandResult(c));
                     }
-                    None => {}
+                    Some(Out::Status(_)) | None => {}
                 }
             }
         });

@@ -73,9 +73,11 @@ async fn next_result(
     let deadline = Instant::now() + within;
     loop {
         let ob2 = ob.clone();
-        let pending = tokio::task::spawn_blocking(move || ob2.pending(after_seq, 10_000).unwrap())
-            .await
-            .unwrap();
+        let pending = tokio::task::spawn_blocking(move || {
+            ob2.pending(after_seq, 10_000, usize::MAX).unwrap().results
+        })
+        .await
+        .unwrap();
         if let Some(r) = pending.into_iter().find(|r| r.service_id == service) {
             return r;
         }
