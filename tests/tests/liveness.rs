@@ -1,0 +1,552 @@
+//! Node liveness end to end: real `vigil-agent` processes killed (SIGKILL) or frozen (SIGSTOP)
+//! under an in-process collector with a real PostgreSQL and a webhook receiver. A silent node
+//! goes down and comes back by itself, and its service goes stale and fresh again without being
+//! restarted.
+
+use std::fs::OpenOptions;
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail, ensure};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use serde_json::Value;
+use vigil_collector::web::auth::{Role, create_token};
+use vigil_collector::{Collector, Config, status};
+use vigil_tests::{Workspace, binary, count, init, pg, wait_for};
+
+/// `node_timeout` of every test: an agent silent this long makes its node down.
+const NODE_TIMEOUT: Duration = Duration::from_secs(3);
+/// The collector's liveness pass runs this often.
+const PASS: Duration = Duration::from_secs(2);
+/// Allowed on top of `node_timeout` (and the pass period) for a node to be declared down.
+const DOWN_SLACK: Duration = Duration::from_secs(5);
+/// Limit of the waits that no latency promise bounds (startup, coming back, ...).
+const LIMIT: Duration = Duration::from_secs(45);
+
+/// Webhook posts received so far, in order.
+type Alerts = Arc<Mutex<Vec<Value>>>;
+
+/// A webhook receiver on 127.0.0.1:0 that records every JSON post; returns its URL.
+async fn webhook() -> anyhow::Result<(String, Alerts)> {
+    use axum::{Json, Router, routing::post};
+    let got: Alerts = Arc::new(Mutex::new(Vec::new()));
+    let sink = got.clone();
+    let app = Router::new().route(
+        "/hook",
+        post(move |Json(v): Json<Value>| {
+            let sink = sink.clone();
+            async move {
+                sink.lock().unwrap().push(v);
+                "ok"
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}/hook", listener.local_addr()?);
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    Ok((url, got))
+}
+
+/// A `vigil-agent` process started by the test (killed on drop; what it logged is printed then,
+/// so that a failing test shows it).
+struct AgentProc {
+    child: tokio::process::Child,
+    pid: i32,
+    log: PathBuf,
+    /// Where its output starts in `log` (shared by the agent's successive processes).
+    log_from: u64,
+}
+
+impl AgentProc {
+    /// Starts `vigil-agent --config CONFIG`, appending its output to `log` (RUST_LOG:
+    /// `VIGIL_TEST_AGENT_LOG`, default `info`).
+    fn spawn(config: &Path, log: &Path) -> anyhow::Result<AgentProc> {
+        let out = OpenOptions::new().create(true).append(true).open(log)?;
+        let log_from = out.metadata()?.len();
+        let child = tokio::process::Command::new(binary("vigil-agent")?)
+            .arg("--config")
+            .arg(config)
+            .env(
+                "RUST_LOG",
+                std::env::var("VIGIL_TEST_AGENT_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .kill_on_drop(true)
+            .spawn()
+            .context("start vigil-agent")?;
+        let pid = i32::try_from(child.id().context("the agent has no pid")?)?;
+        Ok(AgentProc {
+            child,
+            pid,
+            log: log.to_path_buf(),
+            log_from,
+        })
+    }
+
+    fn signal(&self, sig: Signal) -> anyhow::Result<()> {
+        kill(Pid::from_raw(self.pid), sig).with_context(|| format!("kill -{sig} {}", self.pid))
+    }
+
+    /// Waits (at most `limit`) for the process to exit, and reaps it.
+    async fn exited(&mut self, limit: Duration) -> anyhow::Result<ExitStatus> {
+        tokio::time::timeout(limit, self.child.wait())
+            .await
+            .with_context(|| format!("agent {} still running after {limit:?}", self.pid))?
+            .context("wait for the agent")
+    }
+
+    /// SIGKILL, and reaps it (a zombie would still answer `kill -0`).
+    async fn kill(&mut self) -> anyhow::Result<()> {
+        self.signal(Signal::SIGKILL)?;
+        self.exited(LIMIT).await?;
+        Ok(())
+    }
+}
+
+impl Drop for AgentProc {
+    fn drop(&mut self) {
+        print_tail(&format!("agent {}", self.pid), &self.log, self.log_from);
+    }
+}
+
+/// Prints the last lines written to `log` from byte `from` on to stderr (shown for failing
+/// tests).
+fn print_tail(who: &str, log: &Path, from: u64) {
+    // Gone with its workspace once a test passed.
+    let Ok(bytes) = std::fs::read(log) else {
+        return;
+    };
+    let start = usize::try_from(from).unwrap_or(usize::MAX).min(bytes.len());
+    let text = String::from_utf8_lossy(&bytes[start..]);
+    let lines: Vec<&str> = text.lines().collect();
+    let first = lines.len().saturating_sub(25);
+    eprintln!(
+        "--- {who}: {} (last {} lines) ---\n{}",
+        log.display(),
+        lines.len() - first,
+        lines[first..].join("\n")
+    );
+}
+
+/// Makes sure the outbox in `state_dir` has an epoch in `1..=i64::MAX`, the range the collector
+/// accepts; returns it. The agent on this branch still draws a new outbox's epoch from all of
+/// `u64` (refused by the collector half of the time, and for good: the agent keeps its epoch);
+/// the agent that renews such epochs is on its own branch. With it this is a no-op.
+fn outbox_in_range(state_dir: &Path) -> anyhow::Result<u64> {
+    use vigil_agent::outbox::{FILE_NAME, Outbox};
+    std::fs::create_dir_all(state_dir)?;
+    let path = state_dir.join(FILE_NAME);
+    loop {
+        let epoch = Outbox::open(&path, 1)?.epoch();
+        if epoch <= i64::MAX as u64 {
+            return Ok(epoch);
+        }
+        std::fs::remove_file(&path)?;
+    }
+}
+
+/// A collector with a webhook, its database and API tokens.
+struct Env {
+    ws: Workspace,
+    collector: Collector,
+    client: tokio_postgres::Client,
+    alerts: Alerts,
+    http: reqwest::Client,
+    viewer: String,
+    // Last: fields drop in order, and the database goes once nothing uses it.
+    _db: pg::TestDb,
+}
+
+/// The node list entry of an agent node `n1` without SSH.
+fn plain_node(_ws: &Path) -> anyhow::Result<String> {
+    Ok("  - { name: n1, address: 127.0.0.1 }\n".into())
+}
+
+/// Starts a collector for node `n1` with `node_timeout: 3s`, the given services and a webhook
+/// receiver; `nodes` gives the items under `nodes:` from the workspace's directory.
+async fn start(
+    services: &[(&str, String)],
+    nodes: impl FnOnce(&Path) -> anyhow::Result<String>,
+) -> anyhow::Result<Env> {
+    init();
+    let db = pg::test_db().await?;
+    let ws = Workspace::new()?;
+    let nodes_yaml = nodes(ws.path())?;
+    ws.issue("n1")?;
+    for (id, yaml) in services {
+        ws.write_service(id, yaml)?;
+    }
+    let (hook, alerts) = webhook().await?;
+    let yaml = format!(
+        "grpc_listen: 127.0.0.1:0\nhttp: {{ listen: 127.0.0.1:0 }}\nmetrics: {{ listen: 127.0.0.1:0 }}\n\
+         database: {{ url: \"{}\" }}\n\
+         tls: {{ ca: certs/ca.pem, cert: certs/collector.pem, key: certs/collector.key }}\n\
+         services_dir: services\nnode_timeout: {}s\n\
+         notify:\n  webhooks:\n    - {{ url: \"{hook}\" }}\n\
+         nodes:\n{nodes_yaml}",
+        db.url,
+        NODE_TIMEOUT.as_secs(),
+    );
+    let path = ws.path().join("collector.yaml");
+    std::fs::write(&path, yaml)?;
+    let collector = Collector::start(Config::load(&path)?).await?;
+    let client = db.connect().await?;
+    let store = &collector.hub.store;
+    let (viewer, _) = create_token(store, "viewer-1", Role::Viewer).await?;
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .build()?;
+    Ok(Env {
+        _db: db,
+        ws,
+        collector,
+        client,
+        alerts,
+        http,
+        viewer,
+    })
+}
+
+impl Env {
+    /// Writes the agent config of `n1` (state dir `agent-a`, its outbox's epoch one the
+    /// collector accepts); returns its path.
+    fn agent_config(&self) -> anyhow::Result<PathBuf> {
+        outbox_in_range(&self.ws.path().join("agent-a"))?;
+        self.ws
+            .write_agent("a", "n1", "n1", self.collector.grpc_addr)
+    }
+
+    fn agent_log(&self) -> PathBuf {
+        self.ws.path().join("agent-a.log")
+    }
+
+    /// Starts a `vigil-agent` process for `n1`.
+    fn spawn_agent(&self) -> anyhow::Result<AgentProc> {
+        AgentProc::spawn(&self.agent_config()?, &self.agent_log())
+    }
+
+    fn api(&self, path: &str) -> String {
+        format!(
+            "http://{}{path}",
+            self.collector.http_addr.expect("http enabled")
+        )
+    }
+
+    async fn get(&self, path: &str) -> anyhow::Result<Value> {
+        let resp = self
+            .http
+            .get(self.api(path))
+            .bearer_auth(&self.viewer)
+            .send()
+            .await?;
+        let st = resp.status();
+        let text = resp.text().await?;
+        ensure!(st.is_success(), "GET {path}: {st}: {text}");
+        Ok(serde_json::from_str(&text)?)
+    }
+
+    /// `GET /api/services/health/{id}`.
+    async fn health(&self, id: &str) -> anyhow::Result<Value> {
+        self.get(&format!("/api/services/health/{id}")).await
+    }
+
+    /// `n1` as `GET /api/nodes` shows it.
+    async fn node_view(&self) -> anyhow::Result<Value> {
+        let nodes = self.get("/api/nodes").await?;
+        nodes
+            .as_array()
+            .and_then(|a| a.iter().find(|n| n["name"] == "n1"))
+            .cloned()
+            .with_context(|| format!("no n1 in /api/nodes: {nodes}"))
+    }
+
+    /// The value of the sample of `name` whose labels include `label="value"` on `/metrics`.
+    async fn metric(&self, name: &str, label: &str, value: &str) -> anyhow::Result<Option<f64>> {
+        let addr = self.collector.metrics_addr.expect("metrics enabled");
+        let text = self
+            .http
+            .get(format!("http://{addr}/metrics"))
+            .send()
+            .await?
+            .error_for_status()?
+            .text()
+            .await?;
+        let want = format!("{label}=\"{value}\"");
+        for line in text.lines() {
+            let Some(rest) = line.strip_prefix(name) else {
+                continue;
+            };
+            let Some((labels, v)) = rest.rsplit_once(' ') else {
+                continue;
+            };
+            if labels.starts_with('{')
+                && (labels.contains(&format!("{{{want}")) || labels.contains(&format!(",{want}")))
+            {
+                return Ok(Some(v.parse()?));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Waits until `name{label="value"}` is `want` on `/metrics`.
+    async fn wait_metric(
+        &self,
+        name: &str,
+        label: &str,
+        value: &str,
+        want: f64,
+    ) -> anyhow::Result<()> {
+        wait_for(
+            &format!("{name}{{{label}=\"{value}\"}} {want}"),
+            LIMIT,
+            || async move {
+                let got = self.metric(name, label, value).await?;
+                Ok((got == Some(want)).then_some(()))
+            },
+        )
+        .await
+    }
+
+    /// Every alert received so far as `event:node:service`.
+    fn events(&self) -> Vec<String> {
+        self.alerts
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|a| {
+                format!(
+                    "{}:{}:{}",
+                    a["event"].as_str().unwrap_or("?"),
+                    a["node"].as_str().unwrap_or("?"),
+                    a["service"].as_str().unwrap_or("?")
+                )
+            })
+            .collect()
+    }
+
+    /// Alerts named `event` received so far.
+    fn alerts_named(&self, event: &str) -> Vec<Value> {
+        self.alerts
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|a| a["event"] == event)
+            .cloned()
+            .collect()
+    }
+
+    /// Waits at most `limit` for the first alert named `event`.
+    async fn wait_alert(&self, event: &str, limit: Duration) -> anyhow::Result<Value> {
+        wait_for(&format!("a {event} alert"), limit, || {
+            let found = self.alerts_named(event).into_iter().next();
+            async move { Ok(found) }
+        })
+        .await
+        .with_context(|| format!("alerts so far: {:?}", self.events()))
+    }
+
+    /// Waits until `id` is healthy in the API (state healthy, is_healthy true).
+    async fn wait_healthy(&self, id: &str, limit: Duration) -> anyhow::Result<Value> {
+        wait_for(&format!("{id} healthy in the API"), limit, || async move {
+            let h = self.health(id).await?;
+            Ok((h["state"] == "healthy" && h["is_healthy"] == true).then_some(h))
+        })
+        .await
+    }
+
+    /// Waits until `id` is stale in the API.
+    async fn wait_stale(&self, id: &str, limit: Duration) -> anyhow::Result<Value> {
+        wait_for(&format!("{id} stale in the API"), limit, || async move {
+            let h = self.health(id).await?;
+            Ok((h["state"] == "stale").then_some(h))
+        })
+        .await
+    }
+
+    /// Waits until `n1`'s agent holds a stream to the collector.
+    async fn wait_connected(&self) -> anyhow::Result<()> {
+        let hub = &self.collector.hub;
+        wait_for("n1's agent connected", LIMIT, || async move {
+            Ok(hub
+                .connected_nodes()
+                .iter()
+                .any(|n| n == "n1")
+                .then_some(()))
+        })
+        .await
+    }
+
+    /// Rows in `commands` (any service, agent restarts included).
+    async fn commands(&self) -> anyhow::Result<i64> {
+        Ok(self
+            .client
+            .query_one("SELECT count(*) FROM commands", &[])
+            .await?
+            .get(0))
+    }
+
+    /// `vigil-collector status` as the binary prints it (the same two render calls).
+    async fn status_text(&self) -> anyhow::Result<String> {
+        let store = &self.collector.hub.store;
+        let now = chrono::Utc::now();
+        Ok(format!(
+            "{}{}",
+            status::render(&store.status().await?, now),
+            status::render_nodes(&store.nodes().await?, now)
+        ))
+    }
+
+    async fn shutdown(self) {
+        self.collector.shutdown().await;
+    }
+}
+
+/// A service checked every second by `/bin/true`, with a restart that must never be used: on
+/// failure it is restarted after one bad result, so a stale service taken for a failed one
+/// would show as a command.
+fn app_service() -> String {
+    "id: app\ncategory: api\nnode: n1\ncheck:\n  type: command\n  interval: 1s\n  argv: [\"/bin/true\"]\n\
+     control:\n  restart: [[\"/bin/sh\", \"-c\", \"echo never; exit 1\"]]\n\
+     on_failure:\n  action: restart\n  after: 1\n  grace: 0s\n"
+        .into()
+}
+
+/// After the agent of `n1` fell silent at `t0`: within node_timeout + 5 s (+ the pass period)
+/// one `node_down` alert whose reason contains `why`, the service stale in the API, on
+/// `/metrics` and in `status`; still one alert two passes later.
+async fn assert_down(env: &Env, t0: Instant, why: &str) -> anyhow::Result<()> {
+    let budget = NODE_TIMEOUT + DOWN_SLACK + PASS;
+    let left = || budget.saturating_sub(t0.elapsed());
+    let down = env.wait_alert("node_down", left()).await?;
+    eprintln!("silent -> node_down alert: {:?}", t0.elapsed());
+    assert_eq!(down["node"], "n1", "{down}");
+    assert_eq!(down["service"], "", "{down}");
+    let reason = down["reason"].as_str().unwrap_or("");
+    assert!(reason.contains(why), "{down}");
+    let h = env.wait_stale("app", left()).await?;
+    assert_eq!(h["status"], "stale", "{h}");
+    assert_eq!(h["is_healthy"], false, "{h}");
+    let r = h["reason"].as_str().unwrap_or("");
+    assert!(
+        r.starts_with("stale: ") && r.contains("node n1 is down"),
+        "{h}"
+    );
+
+    env.wait_metric("vigil_node_up", "node", "n1", 0.0).await?;
+    env.wait_metric("vigil_service_up", "service", "app", 0.0)
+        .await?;
+    let text = env.status_text().await?;
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("app "))
+        .with_context(|| format!("no app line in status:\n{text}"))?;
+    assert!(line.contains("STALE"), "{text}");
+    assert!(text.contains("NODE n1 DOWN"), "{text}");
+    let view = env.node_view().await?;
+    assert_eq!(view["up"], false, "{view}");
+
+    // Two more liveness passes with the node down: still one alert, one `down` event.
+    wait_for("two more liveness passes", LIMIT, || async move {
+        let row = env
+            .client
+            .query_one(
+                "SELECT down_since IS NOT NULL, now() - down_since >= $1 * interval '1 millisecond'
+                 FROM nodes WHERE name = 'n1'",
+                &[&((2 * PASS + Duration::from_secs(1)).as_millis() as f64)],
+            )
+            .await?;
+        if !row.get::<_, bool>(0) {
+            bail!("n1 is no longer down");
+        }
+        Ok(row.get::<_, Option<bool>>(1).unwrap_or(false).then_some(()))
+    })
+    .await?;
+    assert_eq!(env.alerts_named("node_down").len(), 1, "{:?}", env.events());
+    assert_eq!(
+        count(
+            &env.client,
+            "SELECT count(*) FROM node_events WHERE node = $1 AND kind = 'down'",
+            "n1"
+        )
+        .await?,
+        1
+    );
+    Ok(())
+}
+
+/// After `n1`'s agent is back: a `node_up` alert, the service healthy again by itself, the
+/// metrics back to 1, and no command at all.
+async fn assert_back_up(env: &Env) -> anyhow::Result<()> {
+    let up = env.wait_alert("node_up", LIMIT).await?;
+    assert_eq!(up["node"], "n1", "{up}");
+    assert_eq!(up["service"], "", "{up}");
+    let h = env.wait_healthy("app", LIMIT).await?;
+    assert_eq!(h["status"], "running", "{h}");
+    assert!(h["reason"].is_null(), "{h}");
+    env.wait_metric("vigil_node_up", "node", "n1", 1.0).await?;
+    env.wait_metric("vigil_service_up", "service", "app", 1.0)
+        .await?;
+    let view = env.node_view().await?;
+    assert_eq!(view["up"], true, "{view}");
+    let kinds: Vec<&str> = view["events"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|e| e["kind"].as_str()).collect())
+        .unwrap_or_default();
+    assert!(kinds.contains(&"down") && kinds.contains(&"up"), "{view}");
+    assert_eq!(env.commands().await?, 0, "a command was created");
+    assert!(
+        count(
+            &env.client,
+            "SELECT count(*) FROM events WHERE service_id = $1 AND to_state = 'fresh'",
+            "app"
+        )
+        .await?
+            > 0,
+        "no stale -> fresh event"
+    );
+    assert_eq!(
+        env.events(),
+        vec!["node_down:n1:", "node_up:n1:"],
+        "alerts other than the node's own"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_agent_node_down_service_stale_then_back_by_itself() -> anyhow::Result<()> {
+    let env = start(&[("app", app_service())], plain_node).await?;
+    let mut agent = env.spawn_agent()?;
+    env.wait_connected().await?;
+    env.wait_healthy("app", LIMIT).await?;
+
+    agent.kill().await?;
+    let t0 = Instant::now();
+    assert_down(&env, t0, "its agent disconnected at").await?;
+
+    let _agent = env.spawn_agent()?;
+    assert_back_up(&env).await?;
+    env.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frozen_agent_node_down_service_stale_then_back_by_itself() -> anyhow::Result<()> {
+    let env = start(&[("app", app_service())], plain_node).await?;
+    let agent = env.spawn_agent()?;
+    env.wait_connected().await?;
+    env.wait_healthy("app", LIMIT).await?;
+
+    agent.signal(Signal::SIGSTOP)?;
+    let t0 = Instant::now();
+    assert_down(&env, t0, "connected but silent").await?;
+
+    agent.signal(Signal::SIGCONT)?;
+    assert_back_up(&env).await?;
+    env.shutdown().await;
+    Ok(())
+}
