@@ -1,7 +1,8 @@
 //! Node liveness end to end: real `vigil-agent` processes killed (SIGKILL) or frozen (SIGSTOP)
-//! under an in-process collector with a real PostgreSQL and a webhook receiver. A silent node
-//! goes down and comes back by itself, and its service goes stale and fresh again without being
-//! restarted.
+//! under an in-process collector with a real PostgreSQL, a webhook receiver and a real sshd. A
+//! silent node goes down and comes back by itself, its service goes stale and fresh again
+//! without being restarted, and a dead agent is restarted over SSH (or the alert says SSH is
+//! unreachable too).
 
 use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
@@ -15,12 +16,14 @@ use nix::unistd::Pid;
 use serde_json::Value;
 use vigil_collector::web::auth::{Role, create_token};
 use vigil_collector::{Collector, Config, status};
-use vigil_tests::{Workspace, binary, count, init, pg, wait_for};
+use vigil_tests::{Workspace, binary, count, init, pg, sshd, wait_for};
 
 /// `node_timeout` of every test: an agent silent this long makes its node down.
 const NODE_TIMEOUT: Duration = Duration::from_secs(3);
 /// The collector's liveness pass runs this often.
 const PASS: Duration = Duration::from_secs(2);
+/// How long a node-down alert waits for the SSH heal's outcome (`liveness::HEAL_WAIT`).
+const HEAL_WAIT: Duration = Duration::from_secs(4);
 /// Allowed on top of `node_timeout` (and the pass period) for a node to be declared down.
 const DOWN_SLACK: Duration = Duration::from_secs(5);
 /// Limit of the waits that no latency promise bounds (startup, coming back, ...).
@@ -547,6 +550,209 @@ async fn frozen_agent_node_down_service_stale_then_back_by_itself() -> anyhow::R
 
     agent.signal(Signal::SIGCONT)?;
     assert_back_up(&env).await?;
+    env.shutdown().await;
+    Ok(())
+}
+
+/// Where the agent started over SSH writes its pid and its output (in the workspace).
+const PID_FILE: &str = "agent.pid";
+const SSH_AGENT_LOG: &str = "agent-ssh.log";
+
+/// An agent started outside the test's process tree (over SSH) writes its pid here; that
+/// process is killed on drop.
+struct PidFile {
+    path: PathBuf,
+    log: PathBuf,
+}
+
+impl PidFile {
+    /// The pid file and log of the agent that `agent_control.restart` starts in `dir`.
+    fn in_dir(dir: &Path) -> PidFile {
+        PidFile {
+            path: dir.join(PID_FILE),
+            log: dir.join(SSH_AGENT_LOG),
+        }
+    }
+
+    /// The pid in the file if that process runs (not a zombie) and is a `vigil-agent`.
+    fn running_agent(&self) -> Option<i32> {
+        let pid: i32 = std::fs::read_to_string(&self.path)
+            .ok()?
+            .trim()
+            .parse()
+            .ok()?;
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let zombie = status
+            .lines()
+            .any(|l| l.starts_with("State:") && l.contains('Z'));
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+        let is_agent = String::from_utf8_lossy(&cmdline).contains("vigil-agent");
+        (!zombie && is_agent).then_some(pid)
+    }
+}
+
+impl Drop for PidFile {
+    fn drop(&mut self) {
+        if let Some(pid) = self.running_agent() {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+        print_tail("agent started over SSH", &self.log, 0);
+    }
+}
+
+/// The `nodes:` item of `n1` with an `ssh:` block for `port` (the harness sshd's user, key and
+/// host key) and an `agent_control` that tells whether the agent named by the pid file in `ws`
+/// runs, and starts `vigil-agent --config ws/agent-a.yaml` in the background writing that file.
+fn ssh_node(s: &sshd::Sshd, port: u16, ws: &Path) -> anyhow::Result<String> {
+    let pid = ws.join(PID_FILE).display().to_string();
+    let log = ws.join(SSH_AGENT_LOG).display().to_string();
+    let check = serde_json::json!([
+        "sh",
+        "-c",
+        format!(
+            "p=$(cat {pid}) && kill -0 \"$p\" && ! grep -q '^State:[[:space:]]*Z' /proc/$p/status"
+        )
+    ]);
+    let restart = serde_json::json!([
+        "sh",
+        "-c",
+        format!(
+            "setsid sh -c 'echo $$ > {pid}; exec {} --config {}' </dev/null >>{log} 2>&1 &",
+            binary("vigil-agent")?.display(),
+            ws.join("agent-a.yaml").display(),
+        )
+    ]);
+    Ok(format!(
+        "  - name: n1\n    address: 127.0.0.1\n    ssh:\n      port: {port}\n      user: {}\n      key: {}\n\
+         \x20     host_key_fingerprint: \"{}\"\n      connect_timeout: 5s\n\
+         \x20   agent_control:\n      check: {check}\n      restart: {restart}\n      timeout: 10s\n",
+        s.user,
+        s.client_key.display(),
+        s.host_fingerprint,
+    ))
+}
+
+/// A service checked every second by `/bin/true`, without control.
+fn plain_service() -> String {
+    "id: app\ncategory: api\nnode: n1\ncheck:\n  type: command\n  interval: 1s\n  argv: [\"/bin/true\"]\n"
+        .into()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_agent_is_restarted_over_ssh_and_the_node_comes_back() -> anyhow::Result<()> {
+    init();
+    let sshd = sshd::start().await?;
+    let env = start(&[("app", plain_service())], |ws| {
+        ssh_node(&sshd, sshd.port, ws)
+    })
+    .await?;
+    // Declared after env: dropped (the agent killed) before the workspace goes.
+    let pids = PidFile::in_dir(env.ws.path());
+    let mut agent = env.spawn_agent()?;
+    std::fs::write(&pids.path, agent.pid.to_string())?;
+    env.wait_connected().await?;
+    env.wait_healthy("app", LIMIT).await?;
+    let first = agent.pid;
+
+    agent.kill().await?;
+    let t0 = Instant::now();
+    let down = env
+        .wait_alert("node_down", NODE_TIMEOUT + DOWN_SLACK + PASS + HEAL_WAIT)
+        .await?;
+    eprintln!("killed -> node_down alert: {:?}", t0.elapsed());
+    let reason = down["reason"].as_str().unwrap_or("");
+    assert!(
+        reason.contains("its agent disconnected at")
+            && reason.contains("was not running and was restarted over SSH"),
+        "{down}\nsshd log:\n{}",
+        sshd.log()
+    );
+
+    let up = env.wait_alert("node_up", LIMIT).await?;
+    assert_eq!(up["node"], "n1", "{up}");
+    env.wait_healthy("app", LIMIT).await?;
+    let restarted = pids
+        .running_agent()
+        .context("no agent runs under the pid file after the restart")?;
+    assert_ne!(
+        restarted, first,
+        "the pid file still names the killed agent"
+    );
+
+    let rows = env
+        .client
+        .query(
+            "SELECT service_id, action, status, origin, via, output FROM commands ORDER BY id",
+            &[],
+        )
+        .await?;
+    assert_eq!(rows.len(), 1, "commands: {rows:?}");
+    let row = &rows[0];
+    let col = |i: usize| row.get::<_, Option<String>>(i).unwrap_or_default();
+    assert_eq!(
+        [col(0), col(1), col(2), col(3), col(4)],
+        ["agent:n1", "restart-agent", "succeeded", "auto", "ssh"].map(String::from),
+        "output: {}",
+        col(5)
+    );
+    let view = env.node_view().await?;
+    assert_eq!(view["up"], true, "{view}");
+    assert!(
+        view["events"].as_array().is_some_and(|a| a.iter().any(|e| {
+            e["kind"] == "agent_heal"
+                && e["reason"]
+                    .as_str()
+                    .is_some_and(|r| r.contains("restarted"))
+        })),
+        "{view}"
+    );
+    assert_eq!(env.alerts_named("node_down").len(), 1, "{:?}", env.events());
+    drop(pids);
+    env.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_agent_on_a_node_unreachable_over_ssh_is_reported_so() -> anyhow::Result<()> {
+    init();
+    let sshd = sshd::start().await?;
+    // Nothing listens on this port.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let env = start(&[("app", plain_service())], |ws| {
+        ssh_node(&sshd, closed, ws)
+    })
+    .await?;
+    let mut agent = env.spawn_agent()?;
+    env.wait_connected().await?;
+    env.wait_healthy("app", LIMIT).await?;
+
+    agent.kill().await?;
+    let t0 = Instant::now();
+    let down = env
+        .wait_alert("node_down", NODE_TIMEOUT + DOWN_SLACK + PASS + HEAL_WAIT)
+        .await?;
+    eprintln!("killed -> node_down alert: {:?}", t0.elapsed());
+    let reason = down["reason"].as_str().unwrap_or("");
+    assert!(
+        reason.contains("its agent disconnected at")
+            && reason.contains("unreachable over SSH too")
+            && reason.contains(&closed.to_string()),
+        "{down}"
+    );
+    assert_eq!(env.commands().await?, 0, "a restart was attempted");
+    let view = env.node_view().await?;
+    assert_eq!(view["up"], false, "{view}");
+    assert!(
+        view["events"].as_array().is_some_and(|a| a.iter().any(|e| {
+            e["kind"] == "agent_heal"
+                && e["reason"]
+                    .as_str()
+                    .is_some_and(|r| r.contains("unreachable over SSH"))
+        })),
+        "{view}"
+    );
     env.shutdown().await;
     Ok(())
 }
