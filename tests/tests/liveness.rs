@@ -1,8 +1,8 @@
 //! Node liveness end to end: real `vigil-agent` processes killed (SIGKILL) or frozen (SIGSTOP)
 //! under an in-process collector with a real PostgreSQL, a webhook receiver and a real sshd. A
 //! silent node goes down and comes back by itself, its service goes stale and fresh again
-//! without being restarted, and a dead agent is restarted over SSH (or the alert says SSH is
-//! unreachable too).
+//! without being restarted, a dead agent is restarted over SSH (or the alert says SSH is
+//! unreachable too), and `on_stale` decides whether a stale service alerts.
 
 use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
@@ -161,6 +161,7 @@ struct Env {
     alerts: Alerts,
     http: reqwest::Client,
     viewer: String,
+    operator: String,
     // Last: fields drop in order, and the database goes once nothing uses it.
     _db: pg::TestDb,
 }
@@ -201,6 +202,7 @@ async fn start(
     let client = db.connect().await?;
     let store = &collector.hub.store;
     let (viewer, _) = create_token(store, "viewer-1", Role::Viewer).await?;
+    let (operator, _) = create_token(store, "operator-1", Role::Operator).await?;
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(60))
         .build()?;
@@ -212,6 +214,7 @@ async fn start(
         alerts,
         http,
         viewer,
+        operator,
     })
 }
 
@@ -753,6 +756,86 @@ async fn dead_agent_on_a_node_unreachable_over_ssh_is_reported_so() -> anyhow::R
         })),
         "{view}"
     );
+    env.shutdown().await;
+    Ok(())
+}
+
+/// A service whose check runs once an hour: with `stale_after` short it goes stale while its
+/// node is up.
+fn hourly(id: &str, on_stale: &str, stale_after: &str) -> String {
+    format!(
+        "id: {id}\ncategory: api\nnode: n1\ncheck:\n  type: command\n  interval: 1h\n  argv: [\"/bin/true\"]\n\
+         on_stale: {on_stale}\n{stale_after}"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_stale_ignore_sends_nothing_and_alert_sends_stale_then_fresh() -> anyhow::Result<()> {
+    // First without a short stale_after: both services get their first result before anything
+    // can go stale (the agent's first run waits up to 2 s).
+    let env = start(
+        &[
+            ("quiet", hourly("quiet", "ignore", "")),
+            ("loud", hourly("loud", "alert", "")),
+        ],
+        plain_node,
+    )
+    .await?;
+    let _agent = env.spawn_agent()?;
+    env.wait_connected().await?;
+    env.wait_healthy("quiet", LIMIT).await?;
+    env.wait_healthy("loud", LIMIT).await?;
+
+    // Now 2 s without a result makes them stale; the next run is an hour away.
+    env.ws
+        .write_service("quiet", &hourly("quiet", "ignore", "stale_after: 2s\n"))?;
+    env.ws
+        .write_service("loud", &hourly("loud", "alert", "stale_after: 2s\n"))?;
+    env.collector
+        .reload(&env.ws.path().join("collector.yaml"))
+        .await?;
+    for id in ["quiet", "loud"] {
+        let h = env.wait_stale(id, LIMIT).await?;
+        assert_eq!(h["is_healthy"], false, "{h}");
+        let reason = h["reason"].as_str().unwrap_or("");
+        assert!(
+            reason.contains("no result for") && reason.contains("is connected"),
+            "{h}"
+        );
+    }
+    let stale = env.wait_alert("stale", LIMIT).await?;
+    assert_eq!(stale["service"], "loud", "{stale}");
+
+    // A result arrives for `loud` (a check run now): `fresh`. The notifier sends in order, so
+    // by then a `stale` alert for `quiet` (marked stale before) would have arrived too.
+    let resp = env
+        .http
+        .post(env.api("/api/health-check/force/loud?wait=30"))
+        .bearer_auth(&env.operator)
+        .send()
+        .await?;
+    let st = resp.status();
+    let body = resp.text().await?;
+    ensure!(st.is_success(), "force check: {st}: {body}");
+    env.wait_alert("fresh", LIMIT).await?;
+    assert_eq!(
+        env.events(),
+        vec!["stale:n1:loud", "fresh:n1:loud"],
+        "alerts"
+    );
+    assert_eq!(env.health("quiet").await?["state"], "stale");
+    for (id, to) in [("quiet", "stale"), ("loud", "stale"), ("loud", "fresh")] {
+        let n: i64 = env
+            .client
+            .query_one(
+                "SELECT count(*) FROM events WHERE service_id = $1 AND kind = 'stale' AND to_state = $2",
+                &[&id, &to],
+            )
+            .await?
+            .get(0);
+        assert_eq!(n, 1, "{id}: events to {to}");
+    }
+    assert_eq!(env.commands().await?, 1, "only the check-now command");
     env.shutdown().await;
     Ok(())
 }
