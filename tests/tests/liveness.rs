@@ -2,8 +2,9 @@
 //! (SIGSTOP) under an in-process collector with a real PostgreSQL, a webhook receiver and a real
 //! sshd. A silent node goes down and comes back by itself, its service goes stale and fresh
 //! again without being restarted, a dead agent is restarted over SSH (or the alert says SSH is
-//! unreachable too), `on_stale` decides whether a stale service alerts, and an agent restarted
-//! twenty times in a row leaves no hole in its outbox's sequence numbers.
+//! unreachable too) while a frozen one found running is not, `on_stale` decides whether a stale
+//! service alerts, and an agent restarted twenty times in a row leaves no hole in its outbox's
+//! sequence numbers.
 
 use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
@@ -756,6 +757,46 @@ async fn dead_agent_on_a_node_unreachable_over_ssh_is_reported_so() -> anyhow::R
                     .is_some_and(|r| r.contains("unreachable over SSH"))
         })),
         "{view}"
+    );
+    env.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frozen_agent_found_running_over_ssh_is_not_restarted() -> anyhow::Result<()> {
+    init();
+    let sshd = sshd::start().await?;
+    let env = start(&[("app", plain_service())], |ws| {
+        ssh_node(&sshd, sshd.port, ws)
+    })
+    .await?;
+    let agent = env.spawn_agent()?;
+    std::fs::write(env.ws.path().join(PID_FILE), agent.pid.to_string())?;
+    env.wait_connected().await?;
+    env.wait_healthy("app", LIMIT).await?;
+
+    agent.signal(Signal::SIGSTOP)?;
+    let t0 = Instant::now();
+    let down = env
+        .wait_alert("node_down", NODE_TIMEOUT + DOWN_SLACK + PASS + HEAL_WAIT)
+        .await?;
+    eprintln!("frozen -> node_down alert: {:?}", t0.elapsed());
+    let reason = down["reason"].as_str().unwrap_or("");
+    assert!(
+        reason.contains("connected but silent") && reason.contains("its agent is running"),
+        "{down}\nsshd log:\n{}",
+        sshd.log()
+    );
+    assert_eq!(env.commands().await?, 0, "a running agent was restarted");
+
+    agent.signal(Signal::SIGCONT)?;
+    env.wait_alert("node_up", LIMIT).await?;
+    env.wait_healthy("app", LIMIT).await?;
+    assert_eq!(env.commands().await?, 0, "a running agent was restarted");
+    assert_eq!(
+        env.events(),
+        vec!["node_down:n1:", "node_up:n1:"],
+        "alerts other than the node's own"
     );
     env.shutdown().await;
     Ok(())
