@@ -802,6 +802,70 @@ async fn frozen_agent_found_running_over_ssh_is_not_restarted() -> anyhow::Resul
     Ok(())
 }
 
+/// A node whose agent is heard from again while the collector is still finding out over SSH
+/// what happened to it (a slow `agent_control.check`): its alerts still say down, then up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_back_while_its_agent_is_checked_over_ssh_alerts_down_then_up() -> anyhow::Result<()> {
+    init();
+    let sshd = sshd::start().await?;
+    let owned = start(&[("app", plain_service())], |ws| {
+        // The check says the agent runs, after 3 s (less than the alert waits for it).
+        let node = ssh_node(&sshd, sshd.port, ws)?;
+        let (before, rest) = node.split_once("      check: ").context("no check line")?;
+        let (_, after) = rest.split_once('\n').context("no end of the check line")?;
+        Ok(format!(
+            "{before}      check: [\"sh\", \"-c\", \"sleep 3\"]\n{after}"
+        ))
+    })
+    .await?;
+    let env = &owned;
+    let agent = env.spawn_agent()?;
+    env.wait_connected().await?;
+    env.wait_healthy("app", LIMIT).await?;
+
+    agent.signal(Signal::SIGSTOP)?;
+    wait_for("n1 down", NODE_TIMEOUT + DOWN_SLACK + PASS, || async move {
+        let down: bool = env
+            .client
+            .query_one(
+                "SELECT down_since IS NOT NULL FROM nodes WHERE name = 'n1'",
+                &[],
+            )
+            .await?
+            .get(0);
+        Ok(down.then_some(()))
+    })
+    .await?;
+    // Back at once: heard from before the check over SSH ends.
+    agent.signal(Signal::SIGCONT)?;
+    wait_for("n1 up again", LIMIT, || async move {
+        let up: bool = env
+            .client
+            .query_one(
+                "SELECT down_since IS NULL FROM nodes WHERE name = 'n1'",
+                &[],
+            )
+            .await?
+            .get(0);
+        Ok(up.then_some(()))
+    })
+    .await?;
+    // Both alerts are due by the time the node_down alert's wait for the check is over.
+    wait_for("node_down and node_up alerts", HEAL_WAIT + 2 * PASS, || {
+        let n = env.events().len();
+        async move { Ok((n >= 2).then_some(())) }
+    })
+    .await
+    .with_context(|| format!("alerts: {:?}", env.events()))?;
+    assert_eq!(
+        env.events(),
+        vec!["node_down:n1:", "node_up:n1:"],
+        "alerts out of order"
+    );
+    owned.shutdown().await;
+    Ok(())
+}
+
 /// A service whose check runs once an hour: with `stale_after` short it goes stale while its
 /// node is up.
 fn hourly(id: &str, on_stale: &str, stale_after: &str) -> String {
