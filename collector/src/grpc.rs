@@ -59,6 +59,9 @@ pub struct Hub {
     /// When this collector started: silence is counted from here at the earliest (a collector
     /// that was away heard nothing, which says nothing about the nodes).
     pub started_at: chrono::DateTime<Utc>,
+    /// Node-down alerts still waiting for their SSH heal, and the node-up alert that must
+    /// follow each (if the node came back meanwhile).
+    pub pending_down: std::sync::Mutex<HashMap<String, Option<String>>>,
 }
 
 fn fnv1a(h: &mut u64, bytes: &[u8]) {
@@ -116,6 +119,7 @@ impl Hub {
             next_id: AtomicU64::new(1),
             shutdown: CancellationToken::new(),
             started_at: Utc::now(),
+            pending_down: std::sync::Mutex::new(HashMap::new()),
         })
     }
 

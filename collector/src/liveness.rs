@@ -34,11 +34,13 @@ pub async fn pass(hub: &Hub) {
                     .unwrap_or(0);
                 tracing::info!(node = %n.node, down_for_s = was, "node is up again: its agent is heard from");
                 hub.metrics.set_node_up(&n.node, true);
-                hub.notifier.node(
-                    &n.node,
-                    "node_up",
-                    &format!("its agent is heard from again after {was} s down"),
-                );
+                let reason = format!("its agent is heard from again after {was} s down");
+                // A node_down alert still waiting for its heal goes first; this one follows it.
+                let mut pending = hub.pending_down.lock().expect("pending_down lock");
+                match pending.get_mut(&n.node) {
+                    Some(up) => *up = Some(reason),
+                    None => hub.notifier.node(&n.node, "node_up", &reason),
+                }
             }
         }
         Err(e) => tracing::error!(error = %e, "liveness: cannot evaluate nodes"),
@@ -90,6 +92,10 @@ async fn node_down(hub: &Hub, n: NodeChange) {
     let cfg = hub.config().await;
     let node = cfg.node(&n.node).cloned();
     let Some(hub) = hub.arc() else { return };
+    hub.pending_down
+        .lock()
+        .expect("pending_down lock")
+        .insert(n.node.clone(), None);
     tokio::spawn(async move {
         let healing = node
             .filter(|nc| nc.agent_control.heal && nc.ssh.is_some())
@@ -109,6 +115,15 @@ async fn node_down(hub: &Hub, n: NodeChange) {
         };
         hub.notifier
             .node(&n.node, "node_down", &format!("{}{outcome}", n.reason));
+        let up = hub
+            .pending_down
+            .lock()
+            .expect("pending_down lock")
+            .remove(&n.node)
+            .flatten();
+        if let Some(reason) = up {
+            hub.notifier.node(&n.node, "node_up", &reason);
+        }
     });
 }
 
