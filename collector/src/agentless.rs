@@ -62,24 +62,26 @@ pub async fn run_check(hub: &Hub, node: &NodeConfig, spec: &CheckSpec) -> Outcom
     outcome
 }
 
-/// Converts an outcome into a result to store.
+/// Converts an outcome into a result to store, bounded and cleaned like an agent's.
 pub fn result_of(
     seq: u64,
     service_id: &str,
     started_at: chrono::DateTime<Utc>,
     o: Outcome,
 ) -> ResultIn {
-    ResultIn {
+    let mut r = crate::grpc::result_in(vigil_proto::v1::CheckResult {
         seq,
         service_id: service_id.to_string(),
-        started_at,
+        started_at_ms: started_at.timestamp_millis(),
         duration_ms: o.duration.as_millis().min(u32::MAX as u128) as u32,
-        status: o.status,
+        status: vigil_proto::v1::Status::from(o.status) as i32,
         message: o.message,
-        metrics: o.metrics,
+        metrics: o.metrics.into_iter().map(Into::into).collect(),
         output: o.output,
         config_version: 0,
-    }
+    });
+    r.started_at = started_at;
+    r
 }
 
 /// Keeps one task per service of an agentless node running, following config reloads.

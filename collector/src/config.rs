@@ -260,6 +260,9 @@ pub struct AgentControl {
     /// Each SSH command is given this long (default 30 s).
     #[serde(default = "d_agent_timeout", with = "humantime_serde")]
     pub timeout: Duration,
+    /// While the node stays down, check and heal its agent again this often (default 5 min).
+    #[serde(default = "d_agent_retry", with = "humantime_serde")]
+    pub retry_after: Duration,
 }
 
 impl Default for AgentControl {
@@ -271,6 +274,7 @@ impl Default for AgentControl {
             max_restarts: d_max_restarts(),
             within: d_within(),
             timeout: d_agent_timeout(),
+            retry_after: d_agent_retry(),
         }
     }
 }
@@ -284,6 +288,9 @@ fn d_agent_restart() -> Vec<String> {
     ["systemctl", "restart", "vigil-agent"]
         .map(String::from)
         .to_vec()
+}
+fn d_agent_retry() -> Duration {
+    Duration::from_secs(300)
 }
 fn d_agent_timeout() -> Duration {
     Duration::from_secs(30)

@@ -62,6 +62,8 @@ pub struct Hub {
     /// Node-down alerts still waiting for their SSH heal, and the node-up alert that must
     /// follow each (if the node came back meanwhile).
     pub pending_down: std::sync::Mutex<HashMap<String, Option<String>>>,
+    /// Nodes whose agent is being checked or restarted over SSH now.
+    pub healing: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 fn fnv1a(h: &mut u64, bytes: &[u8]) {
@@ -120,6 +122,7 @@ impl Hub {
             shutdown: CancellationToken::new(),
             started_at: Utc::now(),
             pending_down: std::sync::Mutex::new(HashMap::new()),
+            healing: std::sync::Mutex::new(Default::default()),
         })
     }
 

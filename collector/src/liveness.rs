@@ -46,6 +46,7 @@ pub async fn pass(hub: &Hub) {
         Err(e) => tracing::error!(error = %e, "liveness: cannot evaluate nodes"),
     }
     let cfg = hub.config().await;
+    retry_heals(hub, &cfg).await;
     // With scheduled checks suspended (runtime setting enabled: false) silence is expected.
     if cfg.checks_enabled() {
         match hub.store.mark_stale(since).await {
@@ -81,6 +82,42 @@ pub async fn pass(hub: &Hub) {
             }
         }
         Err(e) => tracing::error!(error = %e, "liveness: cannot evaluate agent backlogs"),
+    }
+}
+
+/// Nodes that stayed down: their agent is checked (and restarted) over SSH again every
+/// `agent_control.retry_after`, within the restart budget.
+async fn retry_heals(hub: &Hub, cfg: &crate::config::Config) {
+    let candidates: Vec<(String, Duration)> = cfg
+        .nodes
+        .iter()
+        .filter(|n| n.agent && n.agent_control.heal && n.ssh.is_some())
+        .map(|n| (n.name.clone(), n.agent_control.retry_after))
+        .collect();
+    let due = match hub.store.nodes_to_heal(&candidates).await {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::error!(error = %e, "liveness: cannot list nodes to heal");
+            return;
+        }
+    };
+    for name in due {
+        let Some(node) = cfg.node(&name).cloned() else {
+            continue;
+        };
+        if !hub
+            .healing
+            .lock()
+            .expect("healing lock")
+            .insert(name.clone())
+        {
+            continue;
+        }
+        let Some(hub) = hub.arc() else { return };
+        tokio::spawn(async move {
+            tracing::info!(node = %name, "node still down: checking its agent over SSH again");
+            heal(&hub, &node, "the node is still down").await;
+        });
     }
 }
 
@@ -131,6 +168,16 @@ async fn node_down(hub: &Hub, n: NodeChange) {
 /// restart budget; the restart is a `commands` row (origin `auto`, action `restart-agent`).
 /// Returns what was found and done, for the alert.
 pub async fn heal(hub: &Hub, node: &NodeConfig, why: &str) -> String {
+    hub.healing
+        .lock()
+        .expect("healing lock")
+        .insert(node.name.clone());
+    let text = heal_once(hub, node, why).await;
+    hub.healing.lock().expect("healing lock").remove(&node.name);
+    text
+}
+
+async fn heal_once(hub: &Hub, node: &NodeConfig, why: &str) -> String {
     let Some(ssh) = node.ssh.clone() else {
         return "no ssh: block to heal its agent with".into();
     };

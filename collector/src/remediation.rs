@@ -467,7 +467,8 @@ pub async fn agent_gone(hub: &Hub, node: &str) {
 }
 
 /// Applies a command result reported by `node`'s agent.
-pub async fn on_agent_result(hub: &Hub, node: &str, r: v1::CommandResult) {
+pub async fn on_agent_result(hub: &Hub, node: &str, mut r: v1::CommandResult) {
+    vigil_proto::sanitize::command_result(&mut r);
     let Ok(id) = r.command_id.parse::<i64>() else {
         tracing::warn!(%node, command_id = %r.command_id, "result for an unknown command id");
         return;
@@ -499,14 +500,7 @@ pub async fn on_agent_result(hub: &Hub, node: &str, r: v1::CommandResult) {
             let result = ResultIn {
                 seq: id as u64,
                 service_id: cmd.service_id.clone(),
-                started_at: DateTime::from_timestamp_millis(c.started_at_ms)
-                    .unwrap_or_else(Utc::now),
-                duration_ms: c.duration_ms,
-                status: vigil_proto::status_from_wire(c.status),
-                message: c.message.clone(),
-                metrics: c.metrics.into_iter().map(Into::into).collect(),
-                output: c.output.clone(),
-                config_version: c.config_version,
+                ..crate::grpc::result_in(c)
             };
             let map = std::iter::once((cmd.service_id.clone(), th)).collect();
             // Epoch 0 is reserved for check-now results; the command id keeps them unique.

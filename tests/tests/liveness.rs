@@ -609,6 +609,18 @@ impl Drop for PidFile {
 /// host key) and an `agent_control` that tells whether the agent named by the pid file in `ws`
 /// runs, and starts `vigil-agent --config ws/agent-a.yaml` in the background writing that file.
 fn ssh_node(s: &sshd::Sshd, port: u16, ws: &Path) -> anyhow::Result<String> {
+    ssh_node_with(s, port, ws, "", "")
+}
+
+/// [`ssh_node`] whose restart runs `before` first (a shell snippet) and whose agent_control
+/// gets `extra` (YAML lines, indented for agent_control).
+fn ssh_node_with(
+    s: &sshd::Sshd,
+    port: u16,
+    ws: &Path,
+    before: &str,
+    extra: &str,
+) -> anyhow::Result<String> {
     let pid = ws.join(PID_FILE).display().to_string();
     let log = ws.join(SSH_AGENT_LOG).display().to_string();
     let check = serde_json::json!([
@@ -622,7 +634,7 @@ fn ssh_node(s: &sshd::Sshd, port: u16, ws: &Path) -> anyhow::Result<String> {
         "sh",
         "-c",
         format!(
-            "setsid sh -c 'echo $$ > {pid}; exec {} --config {}' </dev/null >>{log} 2>&1 &",
+            "{before}setsid sh -c 'echo $$ > {pid}; exec {} --config {}' </dev/null >>{log} 2>&1 &",
             binary("vigil-agent")?.display(),
             ws.join("agent-a.yaml").display(),
         )
@@ -630,7 +642,7 @@ fn ssh_node(s: &sshd::Sshd, port: u16, ws: &Path) -> anyhow::Result<String> {
     Ok(format!(
         "  - name: n1\n    address: 127.0.0.1\n    ssh:\n      port: {port}\n      user: {}\n      key: {}\n\
          \x20     host_key_fingerprint: \"{}\"\n      connect_timeout: 5s\n\
-         \x20   agent_control:\n      check: {check}\n      restart: {restart}\n      timeout: 10s\n",
+         \x20   agent_control:\n      check: {check}\n      restart: {restart}\n      timeout: 10s\n{extra}",
         s.user,
         s.client_key.display(),
         s.host_fingerprint,
@@ -711,6 +723,55 @@ async fn dead_agent_is_restarted_over_ssh_and_the_node_comes_back() -> anyhow::R
         })),
         "{view}"
     );
+    assert_eq!(env.alerts_named("node_down").len(), 1, "{:?}", env.events());
+    drop(pids);
+    env.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_agent_restart_is_tried_again_while_the_node_stays_down() -> anyhow::Result<()> {
+    init();
+    let sshd = sshd::start().await?;
+    // The first restart fails (as when the unit cannot start); the next one, after
+    // retry_after, works.
+    let env = start(&[("app", plain_service())], |ws| {
+        let marker = ws.join("failed-once").display().to_string();
+        ssh_node_with(
+            &sshd,
+            sshd.port,
+            ws,
+            &format!(
+                "if [ ! -e {marker} ]; then touch {marker}; echo cannot start >&2; exit 1; fi; "
+            ),
+            "      retry_after: 2s\n",
+        )
+    })
+    .await?;
+    let pids = PidFile::in_dir(env.ws.path());
+    let mut agent = env.spawn_agent()?;
+    std::fs::write(&pids.path, agent.pid.to_string())?;
+    env.wait_connected().await?;
+    env.wait_healthy("app", LIMIT).await?;
+    agent.kill().await?;
+    let down = env
+        .wait_alert("node_down", NODE_TIMEOUT + DOWN_SLACK + PASS + HEAL_WAIT)
+        .await?;
+    let reason = down["reason"].as_str().unwrap_or("");
+    assert!(reason.contains("restarting it over SSH failed"), "{down}");
+    env.wait_alert("node_up", LIMIT).await?;
+    env.wait_healthy("app", LIMIT).await?;
+    let statuses: Vec<String> = env
+        .client
+        .query(
+            "SELECT status FROM commands WHERE action = 'restart-agent' ORDER BY id",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(statuses, ["failed", "succeeded"]);
     assert_eq!(env.alerts_named("node_down").len(), 1, "{:?}", env.events());
     drop(pids);
     env.shutdown().await;

@@ -433,6 +433,35 @@ impl Store {
         })
     }
 
+    /// Nodes down since before `retry` ago whose agent was not checked over SSH within `retry`
+    /// (the first check runs when the node goes down).
+    pub async fn nodes_to_heal(
+        &self,
+        retry: &[(String, std::time::Duration)],
+    ) -> Result<Vec<String>, StoreError> {
+        if retry.is_empty() {
+            return Ok(Vec::new());
+        }
+        let names: Vec<&str> = retry.iter().map(|(n, _)| n.as_str()).collect();
+        let ms: Vec<f64> = retry
+            .iter()
+            .map(|(_, d)| d.as_millis().min(i64::MAX as u128) as f64)
+            .collect();
+        let client = self.pool.get().await?;
+        let rows = client
+            .query(
+                "SELECT n.name FROM nodes n
+                 JOIN UNNEST($1::text[], $2::float8[]) AS r(name, ms) ON r.name = n.name
+                 WHERE n.down_since < now() - r.ms * interval '1 millisecond'
+                   AND NOT EXISTS (SELECT 1 FROM node_events e
+                                   WHERE e.node = n.name AND e.kind = 'agent_heal'
+                                     AND e.at > now() - r.ms * interval '1 millisecond')",
+                &[&names, &ms],
+            )
+            .await?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
     /// Records a node event.
     pub async fn add_node_event(
         &self,
