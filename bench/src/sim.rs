@@ -146,7 +146,8 @@ pub async fn start(
         .connect()
         .await
         .with_context(|| format!("{node}: connect"))?;
-    let epoch: u64 = rand::random::<u64>() | 1;
+    // In 1..=2^63-1: the collector refuses other epochs.
+    let epoch: u64 = (rand::random::<u64>() >> 1) | 1;
     let (tx, rx) = mpsc::channel::<AgentMessage>(16);
     tx.send(AgentMessage {
         msg: Some(In::Hello(v1::Hello {
@@ -157,6 +158,8 @@ pub async fn start(
             outbox_epoch: epoch,
             first_unacked_seq: 1,
             inventory_json: String::new(),
+            next_seq: 1,
+            ..Default::default()
         })),
     })
     .await?;
