@@ -245,28 +245,43 @@ impl Outbox {
     /// Sanitises `result`, stores it under the next seq, durably (fsync), and returns that seq.
     /// When the outbox is full the oldest results are dropped (with an error log) and the drop is
     /// added to `dropped_total` / `dropped_through_seq` in the same transaction.
-    pub fn append(&self, mut result: CheckResult) -> Result<u64, OutboxError> {
-        sanitize::result(&mut result);
+    pub fn append(&self, result: CheckResult) -> Result<u64, OutboxError> {
+        Ok(*self.append_all(vec![result])?.start())
+    }
+
+    /// [`Outbox::append`] for many results in one transaction (one fsync): they get consecutive
+    /// seqs, returned as a range (empty when `results` is). For loading a backlog in bulk (the
+    /// benchmark); the agent appends one result at a time.
+    pub fn append_all(
+        &self,
+        mut results: Vec<CheckResult>,
+    ) -> Result<std::ops::RangeInclusive<u64>, OutboxError> {
+        for r in &mut results {
+            sanitize::result(r);
+        }
         let txn = self.begin_write()?;
-        let (seq, dropped, dropped_total, dropped_through) = {
+        let (seqs, dropped, dropped_total, dropped_through) = {
             let mut meta = txn.open_table(META).map_err(|e| self.err(e))?;
-            let mut results = txn.open_table(RESULTS).map_err(|e| self.err(e))?;
-            let seq = meta_get(&meta, META_NEXT_SEQ)
+            let mut table = txn.open_table(RESULTS).map_err(|e| self.err(e))?;
+            let first = meta_get(&meta, META_NEXT_SEQ)
                 .map_err(|e| self.err(e))?
                 .unwrap_or(1)
                 .max(1);
-            result.seq = seq;
-            results
-                .insert(seq, result.encode_to_vec().as_slice())
-                .map_err(|e| self.err(e))?;
-            meta.insert(META_NEXT_SEQ, seq + 1)
-                .map_err(|e| self.err(e))?;
-            let len = results.len().map_err(|e| self.err(e))?;
+            let mut seq = first;
+            for mut result in results {
+                result.seq = seq;
+                table
+                    .insert(seq, result.encode_to_vec().as_slice())
+                    .map_err(|e| self.err(e))?;
+                seq += 1;
+            }
+            meta.insert(META_NEXT_SEQ, seq).map_err(|e| self.err(e))?;
+            let len = table.len().map_err(|e| self.err(e))?;
             let mut dropped = 0u64;
             let mut highest = 0u64;
             if len > self.max_results {
                 for _ in 0..len - self.max_results {
-                    match results.pop_first().map_err(|e| self.err(e))? {
+                    match table.pop_first().map_err(|e| self.err(e))? {
                         Some((k, _)) => highest = highest.max(k.value()),
                         None => break,
                     }
@@ -287,7 +302,7 @@ impl Outbox {
                 meta.insert(META_DROPPED_THROUGH_SEQ, through)
                     .map_err(|e| self.err(e))?;
             }
-            (seq, dropped, total, through)
+            (first..=seq - 1, dropped, total, through)
         };
         txn.commit().map_err(|e| self.err(e))?;
         if dropped > 0 {
@@ -299,7 +314,7 @@ impl Outbox {
                 "outbox full: dropped the oldest results that the collector never acknowledged"
             );
         }
-        Ok(seq)
+        Ok(seqs)
     }
 
     /// Reads the snapshot fields inside `txn`.
@@ -691,6 +706,31 @@ mod tests {
         // pending reads the counters with the results.
         let p = ob.pending(0, 10, usize::MAX).unwrap();
         assert_eq!(p.outbox, s);
+    }
+
+    #[test]
+    fn append_all_is_append_in_one_transaction() {
+        let dir = tempfile::tempdir().unwrap();
+        let ob = Outbox::open(&dir.path().join(FILE_NAME), 5).unwrap();
+        assert_eq!(ob.append(result("a")).unwrap(), 1);
+        let seqs = ob
+            .append_all((0..6).map(|i| huge(&format!("b{i}"), 10)).collect())
+            .unwrap();
+        assert_eq!(seqs, 2..=7);
+        // Bound 5: seqs 1 and 2 dropped and counted, the rest sanitised.
+        let s = ob.snapshot().unwrap();
+        assert_eq!((s.first_unacked, s.next_seq, s.depth), (3, 8, 5));
+        assert_eq!((s.dropped_total, s.dropped_through_seq), (2, 2));
+        let txn = ob.db.begin_read().unwrap();
+        let table = txn.open_table(RESULTS).unwrap();
+        for e in table.iter().unwrap() {
+            let (_, v) = e.unwrap();
+            let r = CheckResult::decode(v.value()).unwrap();
+            assert_eq!(r.metrics.len(), sanitize::MAX_METRICS);
+        }
+        let empty = ob.append_all(Vec::new()).unwrap();
+        assert!(empty.is_empty());
+        assert_eq!(ob.append(result("c")).unwrap(), 8);
     }
 
     #[test]

@@ -1,8 +1,10 @@
 //! `vigil-bench`: how fast and how far one collector goes, side by side with PostgreSQL's own
 //! limit. Starts a private PostgreSQL, a real `vigil-collector serve` (subprocess, so that its
 //! memory and CPU are its own) and simulated agents speaking the real protocol over mTLS; also
-//! measures a real `vigil-agent`'s footprint. Run by hand; figures go into BENCHMARKS.md.
+//! measures a real `vigil-agent`'s footprint, idle and draining a large backlog. Run by hand;
+//! figures go into BENCHMARKS.md.
 
+mod backlog;
 mod copy;
 mod env;
 mod sim;
@@ -43,6 +45,12 @@ use sim::{AgentSim, Arrived, Behaviour, Control, Shared};
 ///   agent    a real vigil-agent with 20 checks every 30 s for --duration (180 s): RSS and CPU.
 ///   stale    the liveness statements over --services services (10,000) on --nodes nodes (100):
 ///            a stale pass with nothing due, one marking every service stale, the node pass.
+///   backlog  a real vigil-agent whose outbox holds --results (100,000) large results: the real
+///            `command` check's result for a plugin printing 1,200 perfdata metrics (256 kept),
+///            written with the agent's own Outbox before it starts. With the collector down it
+///            runs --checks (10) such checks every second for --duration (20 s) (fill); then the
+///            collector starts and the agent drains its outbox (drain). Agent RSS (VmRSS) during
+///            fill and drain, drain rate.
 ///   all      every scenario with its defaults (options given apply to all).
 ///
 /// Build: CARGO_TARGET_DIR=target/bench cargo build --release -p vigil-bench -p vigil-collector
@@ -57,15 +65,22 @@ struct Cli {
     /// Simulated agents (ingest: 200, latency: 20, streams: 10000).
     #[arg(long)]
     agents: Option<usize>,
-    /// Checks (services) per simulated agent (ingest: 50, latency: 10, streams: 1).
+    /// Checks (services) per simulated agent (ingest: 50, latency: 10, streams: 1); backlog: the
+    /// real agent's checks (10).
     #[arg(long)]
     checks: Option<usize>,
     /// Results per second each simulated agent sends (ingest: 500, latency: 0, streams: 1/30).
     #[arg(long)]
     rate: Option<f64>,
-    /// Measured time in seconds (ingest: 60, streams: hold 30, agent: 180).
+    /// Measured time in seconds (ingest: 60, streams: hold 30, agent: 180, backlog: fill 20).
     #[arg(long)]
     duration: Option<f64>,
+    /// Backlog scenario: results in the agent's outbox before it starts.
+    #[arg(long, default_value_t = 100_000)]
+    results: usize,
+    /// Backlog scenario: perfdata metrics the check's plugin prints.
+    #[arg(long, default_value_t = 1200)]
+    metrics: usize,
     /// Warm-up before the ingest measurement, seconds.
     #[arg(long, default_value_t = 5.0)]
     warmup: f64,
@@ -104,6 +119,7 @@ enum Scenario {
     Streams,
     Agent,
     Stale,
+    Backlog,
     All,
 }
 
@@ -143,6 +159,7 @@ async fn run(cli: Cli, nofile: u64) -> anyhow::Result<()> {
         (Scenario::Streams, 2),
         (Scenario::Agent, 3),
         (Scenario::Stale, 4),
+        (Scenario::Backlog, 5),
     ] {
         if !all && cli.scenario != s {
             continue;
@@ -152,7 +169,8 @@ async fn run(cli: Cli, nofile: u64) -> anyhow::Result<()> {
             1 => latency(&cli, &pg).await,
             2 => streams(&cli, &pg).await,
             3 => agent(&cli, &pg).await,
-            _ => stale::stale(&pg, cli.services, cli.nodes).await,
+            4 => stale::stale(&pg, cli.services, cli.nodes).await,
+            _ => backlog::run(&cli, &pg).await,
         };
         match section {
             Ok(text) => {
@@ -209,6 +227,17 @@ struct Running {
     db_name: String,
 }
 
+/// A collector's workspace, database and config, not started yet.
+struct Prepared {
+    ws: Workspace,
+    addr: SocketAddr,
+    cfg: std::path::PathBuf,
+    db_url: String,
+    db_name: String,
+    nodes: usize,
+    services: usize,
+}
+
 async fn start_collector(
     cli: &Cli,
     pg: &Pg,
@@ -216,6 +245,19 @@ async fn start_collector(
     nodes: &[String],
     services: &[ServiceDef],
 ) -> anyhow::Result<Running> {
+    let prepared = prepare_collector(cli, pg, name, nodes, services).await?;
+    spawn_collector(cli, name, prepared).await
+}
+
+/// Certificates, a fresh database, collector.yaml and the service files; the collector's address
+/// is chosen here.
+async fn prepare_collector(
+    cli: &Cli,
+    pg: &Pg,
+    name: &str,
+    nodes: &[String],
+    services: &[ServiceDef],
+) -> anyhow::Result<Prepared> {
     let t = Instant::now();
     let owned: Vec<String> = nodes.to_vec();
     let ws = tokio::task::spawn_blocking(move || Workspace::new(&owned)).await??;
@@ -228,6 +270,28 @@ async fn start_collector(
     let db_url = pg.fresh_db(&db_name).await?;
     let addr: SocketAddr = format!("127.0.0.1:{}", env::free_port()?).parse()?;
     let cfg = ws.write_collector(&db_url, addr, cli.pool, nodes, services)?;
+    Ok(Prepared {
+        ws,
+        addr,
+        cfg,
+        db_url,
+        db_name,
+        nodes: nodes.len(),
+        services: services.len(),
+    })
+}
+
+/// Starts `vigil-collector serve` on a prepared workspace and waits until it listens.
+async fn spawn_collector(cli: &Cli, name: &str, prepared: Prepared) -> anyhow::Result<Running> {
+    let Prepared {
+        ws,
+        addr,
+        cfg,
+        db_url,
+        db_name,
+        nodes,
+        services,
+    } = prepared;
     // Another build of the collector may be compared with VIGIL_BENCH_COLLECTOR=PATH.
     let bin = match std::env::var_os("VIGIL_BENCH_COLLECTOR") {
         Some(p) => std::path::PathBuf::from(p),
@@ -248,11 +312,9 @@ async fn start_collector(
     })
     .await??;
     eprintln!(
-        "{name}: collector (pid {}) listening on {addr} after {:.1}s ({} nodes, {} services)",
+        "{name}: collector (pid {}) listening on {addr} after {:.1}s ({nodes} nodes, {services} services)",
         proc.pid(),
         t.elapsed().as_secs_f64(),
-        nodes.len(),
-        services.len()
     );
     Ok(Running {
         ws,
