@@ -384,11 +384,22 @@ impl Outbox {
             }
             let (k, v) = entry.map_err(|e| self.err(e))?;
             let seq = k.value();
-            let mut r = CheckResult::decode(v.value()).map_err(|source| OutboxError::Corrupt {
-                path: self.path.clone(),
-                seq,
-                source,
-            })?;
+            // A stored result that cannot be decoded must not stop the ones behind it: it is
+            // sent as a stand-in without a service, which the collector refuses with a reason
+            // (a node event) and acknowledges.
+            let mut r = CheckResult::decode(v.value()).unwrap_or_else(|source| {
+                let e = OutboxError::Corrupt {
+                    path: self.path.clone(),
+                    seq,
+                    source,
+                };
+                tracing::error!(seq, error = %e, "sending a stand-in for a corrupt stored result");
+                CheckResult {
+                    message: format!("stored result {seq} is corrupt in the agent's outbox"),
+                    status: vigil_proto::Status::Unknown as i32,
+                    ..Default::default()
+                }
+            });
             r.seq = seq;
             // An older agent stored results as the check made them.
             if sanitize::result(&mut r) {
@@ -466,6 +477,38 @@ impl Outbox {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_corrupt_stored_result_does_not_stop_the_others() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(FILE_NAME);
+        let ob = Outbox::open(&path, 100).unwrap();
+        for i in 1..=3 {
+            ob.append(CheckResult {
+                service_id: format!("s{i}"),
+                ..Default::default()
+            })
+            .unwrap();
+        }
+        // Seq 2's bytes are not a CheckResult (a truncated length-delimited field).
+        let txn = ob.begin_write().unwrap();
+        txn.open_table(RESULTS)
+            .unwrap()
+            .insert(2u64, [0x12u8, 0xff].as_slice())
+            .unwrap();
+        txn.commit().unwrap();
+        let p = ob.pending(0, 10, 1 << 20).unwrap();
+        let got: Vec<(u64, String)> = p
+            .results
+            .iter()
+            .map(|r| (r.seq, r.service_id.clone()))
+            .collect();
+        assert_eq!(
+            got,
+            [(1, "s1".into()), (2, String::new()), (3, "s3".into())]
+        );
+        assert!(p.results[1].message.contains("corrupt"));
+    }
 
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, Ordering};

@@ -99,9 +99,10 @@ struct Cli {
     /// Streams opened at the same time while connecting agents.
     #[arg(long, default_value_t = 64)]
     connect_concurrency: usize,
-    /// Stale scenario: services and nodes in the database.
+    /// Stale scenario: services in the database.
     #[arg(long, default_value_t = 10_000)]
     services: usize,
+    /// Stale scenario: nodes the services are spread over.
     #[arg(long, default_value_t = 100)]
     nodes: usize,
     /// RUST_LOG for the collector subprocess.
