@@ -59,6 +59,9 @@ pub struct Hub {
     /// When this collector started: silence is counted from here at the earliest (a collector
     /// that was away heard nothing, which says nothing about the nodes).
     pub started_at: chrono::DateTime<Utc>,
+    /// Silence of services counts from here at the earliest: the collector's start, or the last
+    /// liveness pass that found scheduled checks suspended (runtime setting enabled: false).
+    pub results_expected_since: std::sync::Mutex<chrono::DateTime<Utc>>,
     /// Node-down alerts still waiting for their SSH heal, and the node-up alert that must
     /// follow each (if the node came back meanwhile).
     pub pending_down: std::sync::Mutex<HashMap<String, Option<String>>>,
@@ -121,6 +124,7 @@ impl Hub {
             next_id: AtomicU64::new(1),
             shutdown: CancellationToken::new(),
             started_at: Utc::now(),
+            results_expected_since: std::sync::Mutex::new(Utc::now()),
             pending_down: std::sync::Mutex::new(HashMap::new()),
             healing: std::sync::Mutex::new(Default::default()),
         })

@@ -47,9 +47,18 @@ pub async fn pass(hub: &Hub) {
     }
     let cfg = hub.config().await;
     retry_heals(hub, &cfg).await;
-    // With scheduled checks suspended (runtime setting enabled: false) silence is expected.
-    if cfg.checks_enabled() {
-        match hub.store.mark_stale(since).await {
+    // With scheduled checks suspended (runtime setting enabled: false) silence is expected, and
+    // once they run again it counts from then.
+    if !cfg.checks_enabled() {
+        *hub.results_expected_since
+            .lock()
+            .expect("results_expected_since lock") = Utc::now();
+    } else {
+        let expected = *hub
+            .results_expected_since
+            .lock()
+            .expect("results_expected_since lock");
+        match hub.store.mark_stale(expected).await {
             Ok(stale) => {
                 for s in stale {
                     tracing::warn!(service = %s.service_id, node = %s.node, reason = %s.reason, "service is stale: no recent result");

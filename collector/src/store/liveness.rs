@@ -262,7 +262,8 @@ impl Store {
     }
 
     /// Marks stale every active service whose newest result is older than its `stale_after_ms`
-    /// (counted from `watching_since` at the earliest) or whose node is down; one `stale` event
+    /// (counted from `watching_since` at the earliest, and for a service without any result from
+    /// when it was added) or whose node is down; one `stale` event
     /// each. One statement for all services. Returns the services that became stale now.
     pub async fn mark_stale(
         &self,
@@ -279,7 +280,7 @@ impl Store {
                    LEFT JOIN nodes n ON n.name = s.node
                    WHERE s.active AND st.stale_since IS NULL AND s.stale_after_ms > 0
                      AND (n.down_since IS NOT NULL
-                          OR GREATEST(COALESCE(st.last_result_at, '-infinity'), $1)
+                          OR GREATEST(COALESCE(st.last_result_at, st.state_since), $1)
                              < now() - s.stale_after_ms * interval '1 millisecond')
                    FOR UPDATE OF st SKIP LOCKED
                  ), marked AS (
