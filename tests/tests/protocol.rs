@@ -13,7 +13,7 @@ use vigil_proto::v1::{
     self, AgentMessage, agent_message::Msg as In, agent_service_client::AgentServiceClient,
     collector_message::Msg as Out,
 };
-use vigil_tests::{Workspace, init, pg};
+use vigil_tests::{Workspace, init, pg, wait_for};
 
 const EPOCH: u64 = 0x5eed;
 
@@ -589,7 +589,7 @@ async fn a_service_without_a_recent_result_is_stale_until_one_arrives() -> anyho
     )
     .await?;
     assert_eq!(stale(&client).await?, ("healthy".into(), None));
-    let reason = vigil_tests::wait_for("svc stale", Duration::from_secs(20), || async {
+    let reason = wait_for("svc stale", Duration::from_secs(20), || async {
         Ok(stale(&client).await?.1)
     })
     .await?;
@@ -648,7 +648,7 @@ async fn an_old_backlog_opens_an_incident_that_closes_when_it_drains() -> anyhow
         .into_inner();
     // 5,000 results held, the oldest for 10 minutes (the default threshold is 5).
     tx.send(status(5000, 600_000)).await?;
-    let reason = vigil_tests::wait_for("backlog incident", Duration::from_secs(20), || async {
+    let reason = wait_for("backlog incident", Duration::from_secs(20), || async {
         Ok(node_events(&client, "backlog").await?.pop().map(|e| e.0))
     })
     .await?;
@@ -659,11 +659,50 @@ async fn an_old_backlog_opens_an_incident_that_closes_when_it_drains() -> anyhow
     assert!(n1.backlog_alert_since.is_some());
     // Drained: the incident closes, once.
     tx.send(status(0, 0)).await?;
-    vigil_tests::wait_for("backlog cleared", Duration::from_secs(20), || async {
+    wait_for("backlog cleared", Duration::from_secs(20), || async {
         Ok((!node_events(&client, "backlog_cleared").await?.is_empty()).then_some(()))
     })
     .await?;
     assert_eq!(node_events(&client, "backlog").await?.len(), 1);
+    collector.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_added_by_a_reload_gets_its_whole_stale_after() -> anyhow::Result<()> {
+    init();
+    let db = pg::test_db().await?;
+    let ws = Workspace::new()?;
+    ws.issue("n1")?;
+    let svc = |id: &str| {
+        format!(
+            "id: {id}\ncategory: system\nnode: n1\nstale_after: 3s\ncheck:\n  type: command\n  interval: 1h\n  argv: [\"/bin/true\"]\n"
+        )
+    };
+    ws.write_service("old", &svc("old"))?;
+    let path = ws.write_collector(&db.url, &["n1"])?;
+    let collector = Collector::start(Config::load(&path)?).await?;
+    let client = db.connect().await?;
+    let stale_of = |id: &'static str| {
+        let client = &client;
+        async move {
+            Ok(client
+                .query_opt(
+                    "SELECT extract(epoch FROM stale_since - state_since)::float8
+                     FROM service_state WHERE service_id = $1 AND stale_since IS NOT NULL",
+                    &[&id],
+                )
+                .await?
+                .map(|r| r.get::<_, f64>(0)))
+        }
+    };
+    // Without any result, "old" is stale 3 s after the collector started...
+    wait_for("old stale", Duration::from_secs(20), || stale_of("old")).await?;
+    // ... and "new", added now by a reload, 3 s after it was added, not at the next pass.
+    ws.write_service("new", &svc("new"))?;
+    collector.reload(&path).await?;
+    let after = wait_for("new stale", Duration::from_secs(20), || stale_of("new")).await?;
+    assert!(after >= 3.0, "stale {after:.1} s after it was added");
     collector.shutdown().await;
     Ok(())
 }
