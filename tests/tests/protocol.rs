@@ -18,14 +18,19 @@ use vigil_tests::{Workspace, init, pg, wait_for};
 const EPOCH: u64 = 0x5eed;
 
 async fn setup() -> anyhow::Result<(pg::TestDb, Workspace, Collector)> {
+    setup_with(
+        "id: svc\ncategory: system\nnode: n1\ncheck:\n  type: command\n  interval: 1h\n  argv: [\"/bin/true\"]\non_failure:\n  after: 2\n",
+    )
+    .await
+}
+
+/// A collector for node n1 with one service `svc` written as `yaml`.
+async fn setup_with(yaml: &str) -> anyhow::Result<(pg::TestDb, Workspace, Collector)> {
     init();
     let db = pg::test_db().await?;
     let ws = Workspace::new()?;
     ws.issue("n1")?;
-    ws.write_service(
-        "svc",
-        "id: svc\ncategory: system\nnode: n1\ncheck:\n  type: command\n  interval: 1h\n  argv: [\"/bin/true\"]\non_failure:\n  after: 2\n",
-    )?;
+    ws.write_service("svc", yaml)?;
     let path = ws.write_collector(&db.url, &["n1"])?;
     let collector = Collector::start(Config::load(&path)?).await?;
     Ok((db, ws, collector))
@@ -571,17 +576,11 @@ async fn a_result_postgres_refuses_for_good_is_replaced_and_the_rest_is_stored()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_service_without_a_recent_result_is_stale_until_one_arrives() -> anyhow::Result<()> {
-    init();
-    let db = pg::test_db().await?;
-    let ws = Workspace::new()?;
-    ws.issue("n1")?;
     // Checked hourly, stale after 2 s: the test needs no waiting for an hour.
-    ws.write_service(
-        "svc",
+    let (db, ws, collector) = setup_with(
         "id: svc\ncategory: system\nnode: n1\nstale_after: 2s\ncheck:\n  type: command\n  interval: 1h\n  argv: [\"/bin/true\"]\n",
-    )?;
-    let path = ws.write_collector(&db.url, &["n1"])?;
-    let collector = Collector::start(Config::load(&path)?).await?;
+    )
+    .await?;
     let client = db.connect().await?;
     send_and_ack(
         channel(&ws, &collector, Some("n1")).await?,

@@ -191,59 +191,43 @@ impl Store {
                         %node, epoch, seq = r.seq, service = %r.service_id, error = %why,
                         "PostgreSQL refused a result; storing an UNKNOWN result in its place"
                     );
-                    let stand_in = ResultIn {
+                    // The stand-in says why; if even that is refused, one that says less.
+                    let stand_in = |message: String| ResultIn {
                         status: vigil_checks::Status::Unknown,
-                        message: vigil_checks::truncate(
+                        message,
+                        metrics: Vec::new(),
+                        output: String::new(),
+                        ..r.clone()
+                    };
+                    let stand_ins = [
+                        stand_in(vigil_checks::truncate(
                             &format!(
                                 "this result could not be stored ({why}); the check reported {}",
                                 r.status.as_str()
                             ),
                             1000,
+                        )),
+                        stand_in(
+                            "this result could not be stored (see the collector's log)".into(),
                         ),
-                        metrics: Vec::new(),
-                        output: String::new(),
-                        ..r.clone()
-                    };
-                    let mut one = match self
-                        .ingest_once(
-                            node,
-                            epoch,
-                            std::slice::from_ref(&stand_in),
-                            thresholds,
-                            write,
-                        )
-                        .await
-                    {
-                        Err(e) if e.is_permanent() => {
-                            // The reason itself was refused: a stand-in that says less.
-                            let bare = ResultIn {
-                                message:
-                                    "this result could not be stored (see the collector's log)"
-                                        .into(),
-                                ..stand_in
-                            };
-                            match self
-                                .ingest_once(
-                                    node,
-                                    epoch,
-                                    std::slice::from_ref(&bare),
-                                    thresholds,
-                                    write,
-                                )
-                                .await
-                            {
-                                Err(e) if e.is_permanent() => {
-                                    tracing::error!(
-                                        %node, epoch, seq = r.seq, error = %e,
-                                        "PostgreSQL refused even a stand-in for this result; skipped"
-                                    );
-                                    IngestReport::default()
-                                }
-                                other => other?,
+                    ];
+                    let mut one = None;
+                    for s in &stand_ins {
+                        match self
+                            .ingest_once(node, epoch, std::slice::from_ref(s), thresholds, write)
+                            .await
+                        {
+                            Ok(done) => {
+                                one = Some(done);
+                                break;
                             }
+                            Err(e) if e.is_permanent() => {
+                                tracing::error!(%node, epoch, seq = r.seq, error = %e, "PostgreSQL refused a stand-in too");
+                            }
+                            Err(e) => return Err(e),
                         }
-                        other => other?,
-                    };
+                    }
+                    let mut one = one.unwrap_or_default();
                     one.replaced.push((r.seq, why));
                     report.absorb(one);
                 }
