@@ -365,30 +365,34 @@ impl Store {
             .collect())
     }
 
-    /// Events of `node`, newest first.
-    pub async fn node_events(
+    /// The latest `per_node` events of every node, newest first, in one query.
+    pub async fn recent_node_events(
         &self,
-        node: &str,
-        limit: i64,
-    ) -> Result<Vec<NodeEventRow>, StoreError> {
+        per_node: i64,
+    ) -> Result<std::collections::HashMap<String, Vec<NodeEventRow>>, StoreError> {
         let client = self.pool.get().await?;
         let rows = client
             .query(
-                "SELECT id, at, kind, reason, count FROM node_events WHERE node = $1
-                 ORDER BY id DESC LIMIT $2",
-                &[&node, &limit],
+                "SELECT n.name, e.id, e.at, e.kind, e.reason, e.count FROM nodes n
+                 CROSS JOIN LATERAL (
+                   SELECT id, at, kind, reason, count FROM node_events
+                   WHERE node = n.name ORDER BY id DESC LIMIT $1
+                 ) e
+                 ORDER BY n.name, e.id DESC",
+                &[&per_node],
             )
             .await?;
-        Ok(rows
-            .iter()
-            .map(|r| NodeEventRow {
-                id: r.get(0),
-                at: r.get(1),
-                kind: r.get(2),
-                reason: r.get(3),
-                count: r.get(4),
-            })
-            .collect())
+        let mut out: std::collections::HashMap<String, Vec<NodeEventRow>> = Default::default();
+        for r in &rows {
+            out.entry(r.get(0)).or_default().push(NodeEventRow {
+                id: r.get(1),
+                at: r.get(2),
+                kind: r.get(3),
+                reason: r.get(4),
+                count: r.get(5),
+            });
+        }
+        Ok(out)
     }
 
     /// Opens a `restart-agent` command for `node` (origin `auto`, already claimed for SSH by the
@@ -478,17 +482,5 @@ impl Store {
             )
             .await?;
         Ok(())
-    }
-
-    /// Whether `service_id` is stale now.
-    pub async fn is_stale(&self, service_id: &str) -> Result<bool, StoreError> {
-        let client = self.pool.get().await?;
-        Ok(client
-            .query_opt(
-                "SELECT stale_since IS NOT NULL FROM service_state WHERE service_id = $1",
-                &[&service_id],
-            )
-            .await?
-            .is_some_and(|r| r.get(0)))
     }
 }

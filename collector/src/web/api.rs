@@ -691,17 +691,21 @@ pub struct NodeView {
 pub async fn node_views(state: &AppState) -> Result<Vec<NodeView>, ApiError> {
     let cfg = state.hub.config().await;
     let connected = state.hub.connected_nodes();
-    let mut out = Vec::new();
-    for n in state.hub.store.nodes().await? {
-        out.push(NodeView {
+    let mut events = state.hub.store.recent_node_events(10).await?;
+    Ok(state
+        .hub
+        .store
+        .nodes()
+        .await?
+        .into_iter()
+        .map(|n| NodeView {
             connected: connected.contains(&n.name),
             up: n.down_since.is_none(),
             services: cfg.services_of(&n.name).count(),
-            events: state.hub.store.node_events(&n.name, 10).await?,
+            events: events.remove(&n.name).unwrap_or_default(),
             node: n,
-        });
-    }
-    Ok(out)
+        })
+        .collect())
 }
 
 #[utoipa::path(get, path = "/api/nodes",
