@@ -227,10 +227,12 @@ pub(crate) struct Client {
     pub inventory: Option<String>,
     /// How often an [`AgentStatus`] is sent while connected ([`STATUS_INTERVAL`]).
     pub status_interval: Duration,
+    /// Every command received, and its outcome until the collector acknowledges it.
+    pub journal: Arc<crate::journal::Journal>,
 }
 
 /// Milliseconds since the Unix epoch by the agent's clock.
-fn now_ms() -> i64 {
+pub(crate) fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
@@ -271,9 +273,10 @@ impl InFlight {
 impl Client {
     /// Connects, serves the stream, and reconnects until `shutdown` turns true.
     pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
-        // Outlives sessions: a command keeps running across a reconnect (its result is then
-        // lost, and the collector recovers it). Dropped at shutdown, which cancels what runs.
-        let mut commands = Commands::new(self.scheduler.clone());
+        // Outlives sessions: a command keeps running across a reconnect (its outcome goes out on
+        // the stream that is current when it ends, or waits in the journal for the next one).
+        // Dropped at shutdown, which cancels what runs.
+        let mut commands = Commands::new(self.scheduler.clone(), self.journal.clone());
         loop {
             if *shutdown.borrow() {
                 break;
@@ -406,6 +409,7 @@ impl Client {
             "sending hello"
         );
         let (tx, rx) = mpsc::channel::<AgentMessage>(16);
+        commands.attach(tx.clone());
         let _ = tx
             .send(AgentMessage {
                 msg: Some(Out::Hello(hello)),
@@ -567,6 +571,8 @@ impl Client {
                     );
                     self.state
                         .send_replace(ConnState::Connected { node: w.node });
+                    // Outcomes that ended while the stream was down, or whose ack was lost.
+                    commands.replay();
                 }
             }
             Some(In::Config(update)) => self.apply_config(update).await,
@@ -584,7 +590,8 @@ impl Client {
             }
             Some(In::Ping(p)) => send(Out::Pong(Pong { nonce: p.nonce })).await?,
             // Carried out in a task of its own; the result follows on `tx` when it is done.
-            Some(In::Command(c)) => commands.spawn(c, tx.clone()),
+            Some(In::Command(c)) => commands.spawn(c),
+            Some(In::CommandAck(a)) => commands.acknowledged(&a.issuer, &a.command_id),
         }
         Ok(())
     }

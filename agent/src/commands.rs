@@ -1,11 +1,14 @@
 //! Commands from the collector: start, stop or restart a service (its plan, carried out by
 //! `vigil-control`) or run its check now. Each command runs in its own task so the stream keeps
-//! flowing; its `CommandResult` goes out on the stream it came from when it is done.
+//! flowing; its `CommandResult` goes out on the current stream when it is done.
 //!
 //! Refused at once (success false, exit code -1): an unknown action, a command past its
 //! deadline, a plan that cannot be read, and a second command for a service that has one running.
-//! A result whose stream is gone by the time it is ready is only logged: the collector recovers
-//! pending commands itself. Every `CommandResult` (and the check result a check-now carries) is
+//! Every command is recorded in the [`Journal`] before it starts: a command id sent again (after
+//! a reconnect, a collector restart) is never started twice but answered with its recorded
+//! outcome or "still running", and an outcome is sent on every new stream until the collector
+//! acknowledges it (`CommandAck`), so one that finished while the stream was down is not lost.
+//! Every `CommandResult` (and the check result a check-now carries) is
 //! sanitised ([`vigil_proto::sanitize::command_result`]) before it is sent.
 
 use std::collections::HashSet;
@@ -19,12 +22,15 @@ use vigil_control::{Action, Execution, Plan};
 use vigil_proto::agent_message::Msg as Out;
 use vigil_proto::{AgentMessage, Command, CommandResult};
 
+use crate::journal::{self, Begin, Journal};
 use crate::scheduler::Scheduler;
 
 /// The action that runs the service's check once, now.
 pub const CHECK_ACTION: &str = "check";
 /// Reply to a command for a service that already has one running.
 pub const BUSY: &str = "another command for this service is running";
+/// Reply to a command sent again while it runs (with `running: true`).
+pub const STILL_RUNNING: &str = "still running; its outcome follows when it ends";
 /// Reply to `check` for a service this agent has no check for.
 pub const NO_SUCH_CHECK: &str = "no such check on this agent";
 
@@ -112,64 +118,202 @@ impl Drop for Slot {
     }
 }
 
+/// The stream results go out on: the current session's, replaced at each new session.
+type Stream = Arc<StdMutex<Option<mpsc::Sender<AgentMessage>>>>;
+
 /// The commands this agent is carrying out. Dropping it (the agent shuts down) cancels them,
-/// which kills the process groups of their steps.
+/// which kills the process groups of their steps (their journal entries stay "running" and
+/// become outcome-unknown when the agent starts again).
 pub(crate) struct Commands {
     scheduler: Arc<Mutex<Scheduler>>,
+    journal: Arc<Journal>,
+    stream: Stream,
     running: Running,
     tasks: JoinSet<()>,
 }
 
+fn reply(result: CommandResult) -> AgentMessage {
+    AgentMessage {
+        msg: Some(Out::CommandResult(result)),
+    }
+}
+
+/// Sends `result` on the current stream; if there is none (or it is gone), the outcome waits in
+/// the journal for the next one.
+async fn send_current(stream: &Stream, mut result: CommandResult) {
+    if vigil_proto::sanitize::command_result(&mut result) {
+        tracing::debug!(command_id = %result.command_id, "command result sanitised");
+    }
+    let tx = stream
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .clone();
+    let id = result.command_id.clone();
+    let sent = match tx {
+        Some(tx) => tx.send(reply(result)).await.is_ok(),
+        None => false,
+    };
+    if !sent {
+        tracing::info!(command_id = %id, "not connected: the outcome is kept in the journal and sent on the next connection");
+    }
+}
+
+/// The answer to a command this agent has started before.
+fn from_journal(cmd: &Command, found: Begin) -> Option<CommandResult> {
+    match found {
+        Begin::Started => None,
+        Begin::Running(e) => Some(CommandResult {
+            command_id: cmd.command_id.clone(),
+            success: false,
+            exit_code: -1,
+            output: STILL_RUNNING.into(),
+            duration_ms: 0,
+            timed_out: false,
+            check: None,
+            running: true,
+            started_at_ms: e.started_at_ms,
+            outcome_unknown: false,
+            issuer: cmd.issuer.clone(),
+        }),
+        Begin::Done(_, r) => Some(*r),
+    }
+}
+
 impl Commands {
-    pub(crate) fn new(scheduler: Arc<Mutex<Scheduler>>) -> Self {
+    pub(crate) fn new(scheduler: Arc<Mutex<Scheduler>>, journal: Arc<Journal>) -> Self {
         Commands {
             scheduler,
+            journal,
+            stream: Arc::new(StdMutex::new(None)),
             running: Arc::new(StdMutex::new(HashSet::new())),
             tasks: JoinSet::new(),
         }
     }
 
-    /// Starts `cmd` (or its refusal) in a task of its own; the reply goes to `tx`.
-    pub(crate) fn spawn(&mut self, cmd: Command, tx: mpsc::Sender<AgentMessage>) {
+    /// Results go out on `tx` from now on (a new session).
+    pub(crate) fn attach(&self, tx: mpsc::Sender<AgentMessage>) {
+        *self.stream.lock().unwrap_or_else(PoisonError::into_inner) = Some(tx);
+    }
+
+    /// Sends every outcome the collector has not acknowledged yet (after a Welcome).
+    pub(crate) fn replay(&mut self) {
+        while self.tasks.try_join_next().is_some() {}
+        let (journal, stream) = (self.journal.clone(), self.stream.clone());
+        self.tasks.spawn(async move {
+            let pending = tokio::task::spawn_blocking(move || journal.undelivered()).await;
+            match pending {
+                Ok(Ok(results)) => {
+                    if !results.is_empty() {
+                        tracing::info!(
+                            outcomes = results.len(),
+                            "sending command outcomes the collector has not acknowledged"
+                        );
+                    }
+                    for r in results {
+                        send_current(&stream, r).await;
+                    }
+                }
+                Ok(Err(e)) => tracing::error!(error = %e, "cannot read the command journal"),
+                Err(e) => tracing::error!(error = %e, "command journal task failed"),
+            }
+        });
+    }
+
+    /// The collector recorded the outcome of (`issuer`, `command_id`): stop sending it.
+    pub(crate) fn acknowledged(&mut self, issuer: &str, command_id: &str) {
+        let key = journal::key(issuer, command_id);
+        let journal = self.journal.clone();
+        self.tasks.spawn(async move {
+            match tokio::task::spawn_blocking(move || journal.delivered(&key, now_ms())).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "cannot record a command acknowledgement")
+                }
+                Err(e) => tracing::error!(error = %e, "command journal task failed"),
+            }
+        });
+    }
+
+    /// Starts `cmd` (or answers it from the journal, or refuses it) in a task of its own; the
+    /// reply goes to the current stream.
+    pub(crate) fn spawn(&mut self, cmd: Command) {
         // Forget the tasks that have ended.
         while self.tasks.try_join_next().is_some() {}
         let received = Instant::now();
+        let key = journal::key(&cmd.issuer, &cmd.command_id);
+        // A command sent again: never started twice. (A small read; the write that matters
+        // happens in the task, before anything runs.)
+        let known = match self.journal.get(&key) {
+            Ok(found) => found.and_then(|f| from_journal(&cmd, f)),
+            Err(e) => Some(refusal(&cmd, &format!("not started: {e}"))),
+        };
+        if let Some(answer) = known {
+            tracing::info!(
+                command_id = %cmd.command_id, service = %cmd.service_id, action = %cmd.action,
+                running = answer.running, "command sent again: answered from the journal, not run again"
+            );
+            let stream = self.stream.clone();
+            self.tasks
+                .spawn(async move { send_current(&stream, answer).await });
+            return;
+        }
         let work = prepare(&cmd, now_ms()).and_then(|work| {
             Slot::take(&self.running, &cmd.service_id)
                 .map(|slot| (work, slot))
                 .ok_or(Refusal::Busy)
         });
         let scheduler = self.scheduler.clone();
+        let (journal, stream) = (self.journal.clone(), self.stream.clone());
         self.tasks.spawn(async move {
             let result = match work {
-                Err(refusal) => {
+                Err(refusal_reason) => {
                     tracing::warn!(
                         command_id = %cmd.command_id,
                         service = %cmd.service_id,
                         action = %cmd.action,
                         success = false,
                         exit_code = -1,
-                        reason = %refusal,
+                        reason = %refusal_reason,
                         "command refused"
                     );
-                    CommandResult {
-                        command_id: cmd.command_id.clone(),
-                        success: false,
-                        exit_code: -1,
-                        output: refusal.to_string(),
-                        duration_ms: 0,
-                        timed_out: false,
-                        check: None,
-                    }
+                    refusal(&cmd, &refusal_reason.to_string())
                 }
                 Ok((work, _slot)) => {
+                    let started_at_ms = now_ms();
+                    let (j, k, c) = (journal.clone(), key.clone(), cmd.clone());
+                    let begun = tokio::task::spawn_blocking(move || {
+                        j.begin(&k, &c.service_id, &c.action, started_at_ms)
+                    })
+                    .await;
+                    match begun {
+                        Ok(Ok(Begin::Started)) => {}
+                        Ok(Ok(found)) => {
+                            // Another copy of the command got there first.
+                            if let Some(answer) = from_journal(&cmd, found) {
+                                send_current(&stream, answer).await;
+                            }
+                            return;
+                        }
+                        Ok(Err(e)) => {
+                            tracing::error!(command_id = %cmd.command_id, error = %e, "cannot journal the command; not started");
+                            send_current(&stream, refusal(&cmd, &format!("not started: {e}"))).await;
+                            return;
+                        }
+                        Err(e) => {
+                            tracing::error!(command_id = %cmd.command_id, error = %e, "command journal task failed; not started");
+                            return;
+                        }
+                    }
                     tracing::info!(
                         command_id = %cmd.command_id,
                         service = %cmd.service_id,
                         action = %cmd.action,
                         "command started"
                     );
-                    let r = carry_out(&cmd, work, &scheduler, received).await;
+                    let mut r = carry_out(&cmd, work, &scheduler, received).await;
+                    r.started_at_ms = started_at_ms;
+                    r.issuer = cmd.issuer.clone();
+                    vigil_proto::sanitize::command_result(&mut r);
                     tracing::info!(
                         command_id = %cmd.command_id,
                         service = %cmd.service_id,
@@ -181,24 +325,34 @@ impl Commands {
                         "command done"
                     );
                     tracing::debug!(command_id = %cmd.command_id, output = %r.output, "command output");
+                    let (j, k, outcome) = (journal.clone(), key.clone(), r.clone());
+                    match tokio::task::spawn_blocking(move || j.finish(&k, &outcome, now_ms())).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => tracing::error!(command_id = %cmd.command_id, error = %e, "cannot journal the command's outcome; sending it once"),
+                        Err(e) => tracing::error!(command_id = %cmd.command_id, error = %e, "command journal task failed; sending the outcome once"),
+                    }
                     r
                 }
             };
-            let mut result = result;
-            if vigil_proto::sanitize::command_result(&mut result) {
-                tracing::debug!(command_id = %result.command_id, "command result sanitised");
-            }
-            let msg = AgentMessage {
-                msg: Some(Out::CommandResult(result)),
-            };
-            if tx.send(msg).await.is_err() {
-                tracing::warn!(
-                    command_id = %cmd.command_id,
-                    service = %cmd.service_id,
-                    "the stream this command came on is gone; its result is not sent (the collector recovers pending commands)"
-                );
-            }
+            send_current(&stream, result).await;
         });
+    }
+}
+
+/// A reply for a command that was not started.
+fn refusal(cmd: &Command, why: &str) -> CommandResult {
+    CommandResult {
+        command_id: cmd.command_id.clone(),
+        success: false,
+        exit_code: -1,
+        output: why.to_string(),
+        duration_ms: 0,
+        timed_out: false,
+        check: None,
+        running: false,
+        started_at_ms: 0,
+        outcome_unknown: false,
+        issuer: cmd.issuer.clone(),
     }
 }
 
@@ -230,6 +384,7 @@ async fn carry_out(
                     duration_ms: millis(received.elapsed()),
                     timed_out: false,
                     check: None,
+                    ..Default::default()
                 };
             };
             let result = check.run().await;
@@ -244,6 +399,7 @@ async fn carry_out(
                 duration_ms: millis(received.elapsed()),
                 timed_out: false,
                 check: Some(result),
+                ..Default::default()
             }
         }
     }
@@ -258,6 +414,7 @@ fn from_execution(command_id: &str, e: Execution) -> CommandResult {
         duration_ms: millis(e.duration),
         timed_out: e.timed_out,
         check: None,
+        ..Default::default()
     }
 }
 
@@ -294,6 +451,7 @@ mod tests {
             action: action.into(),
             deadline_ms: now_ms() + 60_000,
             plan_json,
+            issuer: String::new(),
         }
     }
 
@@ -310,7 +468,11 @@ mod tests {
         })
         .await;
         let s = Arc::new(Mutex::new(s));
-        (Commands::new(s.clone()), s)
+        (Commands::new(s.clone(), journal(dir)), s)
+    }
+
+    fn journal(dir: &std::path::Path) -> Arc<Journal> {
+        Arc::new(Journal::open(&dir.join(journal::FILE_NAME), now_ms()).unwrap())
     }
 
     async fn reply(rx: &mut mpsc::Receiver<AgentMessage>) -> CommandResult {
@@ -362,6 +524,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (mut commands, sched) = setup(dir.path()).await;
         let (tx, mut rx) = mpsc::channel(8);
+        commands.attach(tx);
         let dir2 = tempfile::tempdir().unwrap();
         let gate = dir2.path().join("go");
         // The first command waits until the file exists, so the second one surely overlaps.
@@ -369,39 +532,30 @@ mod tests {
             "while [ ! -e {} ]; do sleep 0.05; done; echo first",
             gate.display()
         );
-        commands.spawn(
-            command(
-                "a",
-                "svc",
-                "restart",
-                plan_json(Action::Restart, &[&["/bin/sh", "-c", &script]]),
-            ),
-            tx.clone(),
-        );
-        commands.spawn(
-            command(
-                "b",
-                "svc",
-                "restart",
-                plan_json(Action::Restart, &[&["true"]]),
-            ),
-            tx.clone(),
-        );
+        commands.spawn(command(
+            "a",
+            "svc",
+            "restart",
+            plan_json(Action::Restart, &[&["/bin/sh", "-c", &script]]),
+        ));
+        commands.spawn(command(
+            "b",
+            "svc",
+            "restart",
+            plan_json(Action::Restart, &[&["true"]]),
+        ));
         let r = reply(&mut rx).await;
         assert_eq!(r.command_id, "b");
         assert!(!r.success);
         assert_eq!(r.exit_code, -1);
         assert_eq!(r.output, BUSY);
         // Another service is not held up.
-        commands.spawn(
-            command(
-                "c",
-                "other",
-                "start",
-                plan_json(Action::Start, &[&["true"]]),
-            ),
-            tx.clone(),
-        );
+        commands.spawn(command(
+            "c",
+            "other",
+            "start",
+            plan_json(Action::Start, &[&["true"]]),
+        ));
         let r = reply(&mut rx).await;
         assert_eq!(r.command_id, "c");
         assert!(r.success, "{r:?}");
@@ -412,15 +566,12 @@ mod tests {
         assert!(r.success, "{r:?}");
         assert!(r.output.contains("first"), "{}", r.output);
         // The slot is free again.
-        commands.spawn(
-            command(
-                "d",
-                "svc",
-                "restart",
-                plan_json(Action::Restart, &[&["true"]]),
-            ),
-            tx.clone(),
-        );
+        commands.spawn(command(
+            "d",
+            "svc",
+            "restart",
+            plan_json(Action::Restart, &[&["true"]]),
+        ));
         assert!(reply(&mut rx).await.success);
         sched.lock().await.stop_all().await;
     }
@@ -430,7 +581,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (mut commands, sched) = setup(dir.path()).await;
         let (tx, mut rx) = mpsc::channel(8);
-        commands.spawn(command("k", "svc", "check", String::new()), tx.clone());
+        commands.attach(tx);
+        commands.spawn(command("k", "svc", "check", String::new()));
         let r = reply(&mut rx).await;
         assert!(r.success, "{r:?}");
         assert!(r.output.starts_with("OK"), "{}", r.output);
@@ -441,7 +593,7 @@ mod tests {
         assert_eq!(check.status, vigil_proto::Status::Ok as i32);
         assert!(check.started_at_ms > 1_600_000_000_000);
 
-        commands.spawn(command("n", "nope", "check", String::new()), tx.clone());
+        commands.spawn(command("n", "nope", "check", String::new()));
         let r = reply(&mut rx).await;
         assert!(!r.success);
         assert_eq!(r.output, NO_SUCH_CHECK);
@@ -472,9 +624,10 @@ mod tests {
         })
         .await;
         let sched = Arc::new(Mutex::new(s));
-        let mut commands = Commands::new(sched.clone());
+        let mut commands = Commands::new(sched.clone(), journal(dir.path()));
         let (tx, mut rx) = mpsc::channel(8);
-        commands.spawn(command("k\0", "loud", "check", String::new()), tx);
+        commands.attach(tx);
+        commands.spawn(command("k\0", "loud", "check", String::new()));
         let r = reply(&mut rx).await;
         assert!(r.success, "{r:?}");
         assert_eq!(r.command_id, "k\u{FFFD}");
@@ -486,15 +639,18 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_result_for_a_closed_stream_is_dropped_quietly() {
+    async fn an_outcome_for_a_closed_stream_waits_in_the_journal_until_acknowledged() {
         let dir = tempfile::tempdir().unwrap();
         let (mut commands, sched) = setup(dir.path()).await;
         let (tx, rx) = mpsc::channel(1);
+        commands.attach(tx);
         drop(rx);
-        commands.spawn(
-            command("z", "svc", "start", plan_json(Action::Start, &[&["true"]])),
-            tx,
-        );
+        commands.spawn(command(
+            "z",
+            "svc",
+            "start",
+            plan_json(Action::Start, &[&["true"]]),
+        ));
         // The task ends and gives the service's slot back.
         tokio::time::timeout(Duration::from_secs(20), async {
             while let Some(r) = commands.tasks.join_next().await {
@@ -504,6 +660,72 @@ mod tests {
         .await
         .expect("the command task did not end");
         assert!(commands.running.lock().unwrap().is_empty());
+        // The next stream gets it, and every stream after it until it is acknowledged.
+        for _ in 0..2 {
+            let (tx, mut rx) = mpsc::channel(8);
+            commands.attach(tx);
+            commands.replay();
+            let r = reply(&mut rx).await;
+            assert_eq!((r.command_id.as_str(), r.success), ("z", true), "{r:?}");
+            assert!(r.started_at_ms > 0);
+        }
+        commands.acknowledged("", "z");
+        tokio::time::timeout(Duration::from_secs(20), async {
+            while let Some(r) = commands.tasks.join_next().await {
+                r.unwrap();
+            }
+        })
+        .await
+        .expect("the ack task did not end");
+        assert!(commands.journal.undelivered().unwrap().is_empty());
+        sched.lock().await.stop_all().await;
+    }
+
+    /// The same command id sent again while it runs and after it ended: its steps run once;
+    /// the answers are "still running" and then the recorded outcome.
+    #[tokio::test]
+    async fn a_command_sent_again_is_answered_from_the_journal_never_run_twice() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut commands, sched) = setup(dir.path()).await;
+        let (tx, mut rx) = mpsc::channel(8);
+        commands.attach(tx);
+        let runs = dir.path().join("runs");
+        let gate = dir.path().join("go");
+        let script = format!(
+            "echo run >> {}; while [ ! -e {} ]; do sleep 0.05; done; echo done",
+            runs.display(),
+            gate.display()
+        );
+        let mut cmd = command(
+            "42",
+            "svc",
+            "restart",
+            plan_json(Action::Restart, &[&["/bin/sh", "-c", &script]]),
+        );
+        cmd.issuer = "db-1".into();
+        commands.spawn(cmd.clone());
+        // Wait until it runs, then send it again.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !runs.exists() {
+            assert!(Instant::now() < deadline, "the command never started");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        commands.spawn(cmd.clone());
+        let r = reply(&mut rx).await;
+        assert!(r.running, "{r:?}");
+        assert_eq!((r.command_id.as_str(), r.issuer.as_str()), ("42", "db-1"));
+        std::fs::write(&gate, "").unwrap();
+        let r = reply(&mut rx).await;
+        assert!(!r.running && r.success, "{r:?}");
+        assert!(r.output.contains("done"), "{}", r.output);
+        commands.spawn(cmd.clone());
+        let again = reply(&mut rx).await;
+        assert_eq!(again, r, "the recorded outcome, word for word");
+        // The same id from another database is another command.
+        cmd.issuer = "db-2".into();
+        commands.spawn(cmd);
+        assert!(reply(&mut rx).await.success);
+        assert_eq!(std::fs::read_to_string(&runs).unwrap(), "run\nrun\n");
         sched.lock().await.stop_all().await;
     }
 }

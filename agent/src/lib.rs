@@ -4,7 +4,8 @@
 //! Modules: [`config`] (agent.yaml), [`outbox`] (durable results), [`cache`] (last config),
 //! [`scheduler`] (check tasks, run-now), [`docker_events`] (Docker events make a `docker` check
 //! run at once), [`client`] (the stream, the hello with the node's inventory), [`commands`]
-//! (commands from the collector: restart/stop/start, check now), [`backoff`] (reconnect delays).
+//! (commands from the collector: restart/stop/start, check now), [`journal`] (every command
+//! received, so that none runs twice and no outcome is lost), [`backoff`] (reconnect delays).
 
 pub mod backoff;
 pub mod cache;
@@ -13,6 +14,7 @@ pub mod commands;
 pub mod config;
 pub mod docker_events;
 pub mod doctor;
+pub mod journal;
 pub mod outbox;
 pub mod scheduler;
 
@@ -44,6 +46,8 @@ pub enum AgentError {
     },
     #[error(transparent)]
     Outbox(#[from] OutboxError),
+    #[error(transparent)]
+    Journal(#[from] crate::journal::JournalError),
     #[error(transparent)]
     Client(#[from] ClientError),
 }
@@ -91,6 +95,12 @@ impl Agent {
             .await
             .expect("outbox open panicked")?;
         let outbox = Arc::new(outbox);
+        let journal_path = state_dir.join(journal::FILE_NAME);
+        let journal = tokio::task::spawn_blocking(move || {
+            journal::Journal::open(&journal_path, client::now_ms())
+        })
+        .await
+        .expect("journal open panicked")?;
         let notify = Arc::new(Notify::new());
         let mut scheduler =
             Scheduler::new(outbox.clone(), notify.clone(), config.max_concurrent_checks);
@@ -133,6 +143,7 @@ impl Agent {
             backoff: Backoff::new(config.reconnect.initial, config.reconnect.max),
             inventory: None,
             status_interval: options.status_interval,
+            journal: Arc::new(journal),
         };
         let client_task = tokio::spawn(client.run(shutdown_rx));
         Ok(AgentHandle {

@@ -290,6 +290,7 @@ fn steps_command(id: &str, action: Action, steps: &[&[&str]], step_timeout: Dura
         action: action.as_str().into(),
         deadline_ms: now_ms() + 60_000,
         plan_json: serde_json::to_string(&plan).unwrap(),
+        ..Default::default()
     }
 }
 
@@ -370,6 +371,7 @@ async fn check_now_returns_the_check_result() {
             action: "check".into(),
             deadline_ms: now_ms() + 60_000,
             plan_json: String::new(),
+            ..Default::default()
         })
         .await;
     assert!(r.success, "{r:?}");
@@ -387,6 +389,7 @@ async fn check_now_returns_the_check_result() {
             action: "check".into(),
             deadline_ms: now_ms() + 60_000,
             plan_json: String::new(),
+            ..Default::default()
         })
         .await;
     assert!(!r.success);

@@ -140,6 +140,7 @@ impl AgentService for Fake {
                                 action: "restart".into(),
                                 deadline_ms: 0,
                                 plan_json: "not a plan".into(),
+                                ..Default::default()
                             })))
                             .await;
                     }

@@ -360,6 +360,8 @@ impl Running {
                             duration_ms: 1,
                             timed_out: false,
                             check: None,
+                            issuer: c.issuer,
+                            ..Default::default()
                         })),
                     })
                     .await?;

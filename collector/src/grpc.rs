@@ -371,10 +371,12 @@ impl v1::agent_service_server::AgentService for AgentSvc {
         {
             tracing::error!(%node, error = %e, "cannot record the agent's backlog");
         }
-        // Commands that waited for this agent go out now.
+        // Commands that waited for this agent go out now; those sent to it before (on a stream
+        // that broke, or by this collector's previous run) go again and its journal decides.
         let hub = self.hub.clone();
         let n = node.clone();
         tokio::spawn(async move {
+            crate::remediation::resend_to_agent(&hub, &n).await;
             if let Ok(rows) = hub.store.open_commands().await {
                 for row in rows.iter().filter(|r| r.node == n && r.status == "pending") {
                     crate::remediation::dispatch(&hub, row).await;
@@ -496,7 +498,15 @@ async fn run_session(
             }
             Some(In::Pong(_)) => {}
             Some(In::CommandResult(r)) => {
-                crate::remediation::on_agent_result(hub, node, r).await;
+                let ack = v1::CommandAck {
+                    command_id: r.command_id.clone(),
+                    issuer: r.issuer.clone(),
+                };
+                // Acknowledged once recorded: until then the agent keeps the outcome and sends
+                // it again on its next stream.
+                if crate::remediation::on_agent_result(hub, node, r).await {
+                    let _ = tx.send(Ok(msg(Out::CommandAck(ack)))).await;
+                }
             }
             Some(In::Hello(_)) => {
                 let _ = tx

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, TimeZone, Utc};
 use vigil_control::{Action, How, Plan, Via};
 use vigil_proto::v1::{self, collector_message::Msg as Out};
 
@@ -58,7 +58,8 @@ pub fn decide(
         return Decision::Nothing;
     }
     // Stale: what the service is like now is not known; the last result is no reason to act.
-    if v.in_flight || v.flapping || v.stale || !deps_down.is_empty() {
+    // In maintenance: operators are working on it.
+    if v.in_flight || v.flapping || v.stale || v.maintenance || !deps_down.is_empty() {
         return Decision::Nothing;
     }
     if v.grace_until.is_some_and(|g| now < g) {
@@ -251,32 +252,151 @@ async fn fail(hub: &Hub, cmd: &CommandRow, why: &str) -> Result<(), crate::store
     Ok(())
 }
 
+/// Why an automatic start/stop/restart must not be sent now (the service was paused, stopped
+/// or put in maintenance since it was decided), read from the database at the moment of sending.
+/// Operators' own commands and checks always go.
+async fn must_not_send(
+    hub: &Hub,
+    cmd: &CommandRow,
+) -> Result<Option<String>, crate::store::StoreError> {
+    if cmd.origin != "auto" || cmd.action == "check" {
+        return Ok(None);
+    }
+    let views = hub.store.views(&[cmd.service_id.as_str()]).await?;
+    let Some(v) = views.first() else {
+        return Ok(None);
+    };
+    Ok(if v.mode != "active" {
+        Some(format!(
+            "automatic {} cancelled before it was sent: the service is {}",
+            cmd.action, v.mode
+        ))
+    } else if v.maintenance {
+        Some(format!(
+            "automatic {} cancelled before it was sent: the service is in maintenance",
+            cmd.action
+        ))
+    } else {
+        None
+    })
+}
+
+/// Cancels `cmd` (never sent, or not to be sent again), with its audit event.
+async fn cancel(hub: &Hub, cmd: &CommandRow, why: &str) -> Result<(), crate::store::StoreError> {
+    tracing::warn!(command_id = cmd.id, service = %cmd.service_id, reason = why, "command cancelled");
+    if let Some(row) = hub.store.cancel_command(cmd.id, why).await? {
+        after_finish(hub, &row).await;
+    }
+    Ok(())
+}
+
+/// The protocol message for `cmd`.
+fn command_message(hub: &Hub, cmd: &CommandRow, plan_json: String) -> v1::CollectorMessage {
+    v1::CollectorMessage {
+        msg: Some(Out::Command(v1::Command {
+            command_id: cmd.id.to_string(),
+            service_id: cmd.service_id.clone(),
+            action: cmd.action.clone(),
+            deadline_ms: cmd.deadline.timestamp_millis(),
+            plan_json,
+            issuer: hub.store.uid().to_string(),
+        })),
+    }
+}
+
+/// The plan of `cmd` as JSON ("" for a check), or why it cannot be carried out.
+fn plan_of(svc: &Service, cmd: &CommandRow) -> Result<String, String> {
+    if cmd.action == "check" {
+        return Ok(String::new());
+    }
+    let Some(action) = Action::parse(&cmd.action) else {
+        return Err(format!("unknown action {:?}", cmd.action));
+    };
+    let Some(control) = &svc.control else {
+        return Err(format!(
+            "{} has no control: block, so it cannot be {action}ed",
+            svc.id
+        ));
+    };
+    control
+        .plan(action)
+        .map(|plan| serde_json::to_string(&plan).unwrap_or_default())
+        .map_err(|e| e.to_string())
+}
+
+/// A command sent to `node`'s agent earlier (by this collector before a restart, or on a
+/// stream that broke) is sent again with the same id now that the agent is connected: its
+/// journal decides — the recorded outcome if it ran, "still running", or it runs now if it
+/// never arrived. Never run twice, never silently forgotten.
+pub async fn resend_to_agent(hub: &Hub, node: &str) {
+    let rows = match hub.store.open_commands().await {
+        Ok(rows) => rows,
+        Err(e) => {
+            tracing::error!(%node, error = %e, "cannot read open commands");
+            return;
+        }
+    };
+    let Some(tx) = hub.session_tx(node) else {
+        return;
+    };
+    let cfg = hub.config().await;
+    for row in rows
+        .iter()
+        .filter(|r| r.node == node && r.status == "sent" && r.via.as_deref() == Some("agent"))
+    {
+        match must_not_send(hub, row).await {
+            Ok(Some(why)) => {
+                let _ = cancel(hub, row, &why).await;
+                continue;
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::error!(command_id = row.id, error = %e, "cannot read the service's mode; not sent again now");
+                continue;
+            }
+        }
+        let Some(svc) = cfg.service(&row.service_id) else {
+            let _ = fail(hub, row, "the service is no longer configured").await;
+            continue;
+        };
+        let plan_json = match plan_of(svc, row) {
+            Ok(p) => p,
+            Err(why) => {
+                let _ = fail(hub, row, &why).await;
+                continue;
+            }
+        };
+        match hub.store.mark_resent(row.id).await {
+            Ok(true) => {}
+            Ok(false) => continue,
+            Err(e) => {
+                tracing::error!(command_id = row.id, error = %e, "cannot record a resend");
+                continue;
+            }
+        }
+        tracing::info!(command_id = row.id, %node, service = %row.service_id, action = %row.action,
+            "command sent again to the reconnected agent (its journal decides whether it runs)");
+        if tx
+            .send(Ok(command_message(hub, row, plan_json)))
+            .await
+            .is_err()
+        {
+            tracing::warn!(command_id = row.id, %node, "agent stream closed while sending a command");
+        }
+    }
+}
+
 async fn try_dispatch(hub: &Hub, cmd: &CommandRow) -> Result<(), crate::store::StoreError> {
+    if let Some(why) = must_not_send(hub, cmd).await? {
+        return cancel(hub, cmd, &why).await;
+    }
     let cfg = hub.config().await;
     let Some(svc) = cfg.service(&cmd.service_id) else {
         return fail(hub, cmd, "the service is no longer configured").await;
     };
-    let plan_json = if cmd.action == "check" {
-        String::new()
-    } else {
-        let Some(action) = Action::parse(&cmd.action) else {
-            return fail(hub, cmd, &format!("unknown action {:?}", cmd.action)).await;
-        };
-        let Some(control) = &svc.control else {
-            return fail(
-                hub,
-                cmd,
-                &format!(
-                    "{} has no control: block, so it cannot be {action}ed",
-                    svc.id
-                ),
-            )
-            .await;
-        };
-        match control.plan(action) {
-            Ok(plan) => serde_json::to_string(&plan).unwrap_or_default(),
-            Err(e) => return fail(hub, cmd, &e.to_string()).await,
-        }
+    let plan_json = match plan_of(svc, cmd) {
+        Ok(p) => p,
+        Err(why) => return fail(hub, cmd, &why).await,
     };
     let Some(node) = cfg.node(&cmd.node).cloned() else {
         return fail(
@@ -317,15 +437,7 @@ async fn try_dispatch(hub: &Hub, cmd: &CommandRow) -> Result<(), crate::store::S
     if !hub.store.mark_sent(cmd.id, "agent").await? {
         return Ok(()); // finished meanwhile
     }
-    let msg = v1::CollectorMessage {
-        msg: Some(Out::Command(v1::Command {
-            command_id: cmd.id.to_string(),
-            service_id: cmd.service_id.clone(),
-            action: cmd.action.clone(),
-            deadline_ms: cmd.deadline.timestamp_millis(),
-            plan_json,
-        })),
-    };
+    let msg = command_message(hub, cmd, plan_json);
     if tx.send(Ok(msg)).await.is_err() {
         tracing::warn!(command_id = cmd.id, node = %cmd.node, "agent stream closed while sending a command");
     } else {
@@ -410,7 +522,14 @@ async fn run_over_ssh(
             {
                 Err(e) => {
                     output.push_str(&format!("step {}/{}: {e}\n", i + 1, steps.len()));
-                    outcome = ("failed", None, String::new());
+                    // The connection broke after the step was sent: it may have run. Reported
+                    // as unknown and never run again; any other error means it did not start.
+                    let status = if matches!(e, crate::ssh::SshError::Lost { .. }) {
+                        "unknown"
+                    } else {
+                        "failed"
+                    };
+                    outcome = (status, None, String::new());
                     break;
                 }
                 Ok(o) => {
@@ -441,52 +560,65 @@ async fn run_over_ssh(
     }
 }
 
-/// An agent went away: its commands still in flight are re-sent over SSH where the service
-/// allows it (`via: auto` and the node has SSH); the others time out at their deadline.
+/// An agent went away. Its commands in flight stay with it: it may have received and started
+/// them, so running them elsewhere (over SSH) could run them twice. When it reconnects they are
+/// sent again and its journal decides; otherwise they time out at their deadline.
 pub async fn agent_gone(hub: &Hub, node: &str) {
     let Ok(rows) = hub.store.open_commands().await else {
         return;
     };
-    let cfg = hub.config().await;
-    let has_ssh = cfg.node(node).is_some_and(|n| n.ssh.is_some());
-    for row in rows
+    let waiting = rows
         .iter()
         .filter(|r| r.node == node && r.status == "sent" && r.via.as_deref() == Some("agent"))
-    {
-        let auto = cfg
-            .service(&row.service_id)
-            .and_then(|s| s.control.as_ref())
-            .is_none_or(|c| c.via == Via::Auto);
-        if auto && has_ssh {
-            tracing::warn!(command_id = row.id, %node, "agent disconnected with the command in flight; re-running it over SSH");
-            if hub.store.requeue(row.id).await.is_ok() {
-                dispatch(hub, row).await;
-            }
-        }
+        .count();
+    if waiting > 0 {
+        tracing::warn!(%node, commands = waiting,
+            "agent disconnected with commands in flight; they wait for it (never re-run elsewhere) until their deadline");
     }
 }
 
-/// Applies a command result reported by `node`'s agent.
-pub async fn on_agent_result(hub: &Hub, node: &str, mut r: v1::CommandResult) {
+/// Applies a command result reported by `node`'s agent. Returns whether the agent may forget
+/// it (`CommandAck`): true once the outcome is recorded (or can never be: an unknown command,
+/// another database's or another node's), false when it could not be stored now (the agent
+/// sends it again on its next stream).
+pub async fn on_agent_result(hub: &Hub, node: &str, mut r: v1::CommandResult) -> bool {
     vigil_proto::sanitize::command_result(&mut r);
+    if !r.issuer.is_empty() && r.issuer != hub.store.uid() {
+        tracing::warn!(%node, command_id = %r.command_id, issuer = %r.issuer,
+            "outcome of a command issued by another database; ignored");
+        return true;
+    }
     let Ok(id) = r.command_id.parse::<i64>() else {
         tracing::warn!(%node, command_id = %r.command_id, "result for an unknown command id");
-        return;
+        return true;
     };
     let cmd = match hub.store.command(id).await {
         Ok(Some(c)) => c,
         Ok(None) => {
             tracing::warn!(%node, command_id = id, "result for an unknown command");
-            return;
+            return true;
         }
         Err(e) => {
             tracing::error!(%node, command_id = id, error = %e, "cannot read command");
-            return;
+            return false;
         }
     };
     if cmd.node != node {
         tracing::warn!(%node, command_id = id, command_node = %cmd.node, "an agent reported a command of another node; ignored");
-        return;
+        return true;
+    }
+    let started_at = (r.started_at_ms > 0)
+        .then(|| Utc.timestamp_millis_opt(r.started_at_ms).single())
+        .flatten();
+    if let Some(at) = started_at
+        && let Err(e) = hub.store.command_started(id, at).await
+    {
+        tracing::error!(command_id = id, error = %e, "cannot record when the command started");
+    }
+    if r.running {
+        tracing::info!(command_id = id, %node, service = %cmd.service_id,
+            "the agent is still running the command (sent again after a reconnect); its outcome follows");
+        return false;
     }
     if cmd.action == "check"
         && let Some(c) = r.check.clone()
@@ -517,12 +649,15 @@ pub async fn on_agent_result(hub: &Hub, node: &str, mut r: v1::CommandResult) {
             {
                 Ok(report) => crate::grpc::after_ingest(hub, node, &report).await,
                 Err(e) => {
-                    tracing::error!(command_id = id, error = %e, "cannot store a check-now result")
+                    tracing::error!(command_id = id, error = %e, "cannot store a check-now result");
+                    return false;
                 }
             }
         }
     }
-    let status = if r.success {
+    let status = if r.outcome_unknown {
+        "unknown"
+    } else if r.success {
         "succeeded"
     } else if r.timed_out {
         "timed_out"
@@ -536,12 +671,54 @@ pub async fn on_agent_result(hub: &Hub, node: &str, mut r: v1::CommandResult) {
         .finish_command(id, status, Some(r.exit_code), &output, grace)
         .await
     {
-        Ok(Some(row)) => after_finish(hub, &row).await,
-        Ok(None) => tracing::info!(
-            command_id = id,
-            "result for a command that had already finished"
-        ),
-        Err(e) => tracing::error!(command_id = id, error = %e, "cannot record command result"),
+        Ok(Some(row)) => {
+            after_finish(hub, &row).await;
+            true
+        }
+        Ok(None) => match hub
+            .store
+            .late_outcome(id, status, Some(r.exit_code), &output)
+            .await
+        {
+            Ok(Some(row)) => {
+                tracing::warn!(command_id = id, %node, service = %row.service_id, closed_as = %row.status,
+                    reported = status, "the agent reported the outcome of a command already closed; both are kept");
+                hub.metrics
+                    .command_finished(&row.action, &format!("late_{status}"));
+                if row.action != "check" {
+                    let what = format!(
+                        "command {id} ({} {}) was {} but the agent reported later: {status}: {}",
+                        row.origin,
+                        row.action,
+                        row.status,
+                        output.lines().last().unwrap_or("")
+                    );
+                    if let Err(e) = hub
+                        .store
+                        .add_event(&row.service_id, "remediation", &row.status, status, &what)
+                        .await
+                    {
+                        tracing::error!(command_id = id, error = %e, "cannot record the late outcome's event");
+                    }
+                }
+                true
+            }
+            Ok(None) => {
+                tracing::info!(
+                    command_id = id,
+                    "outcome of a command already recorded (sent again)"
+                );
+                true
+            }
+            Err(e) => {
+                tracing::error!(command_id = id, error = %e, "cannot record a late outcome");
+                false
+            }
+        },
+        Err(e) => {
+            tracing::error!(command_id = id, error = %e, "cannot record command result");
+            false
+        }
     }
 }
 
@@ -555,6 +732,13 @@ async fn after_finish(hub: &Hub, row: &CommandRow) {
     hub.metrics.command_finished(&row.action, &row.status);
     if row.action == "check" {
         return;
+    }
+    if row.status == "succeeded"
+        && matches!(row.action.as_str(), "start" | "restart")
+        && let Some(hub) = hub.arc()
+    {
+        let row = row.clone();
+        tokio::spawn(async move { verify(&hub, &row).await });
     }
     let what = format!(
         "command {} ({} {}, {}) {}: {}",
@@ -577,6 +761,70 @@ async fn after_finish(hub: &Hub, row: &CommandRow) {
         .await
     {
         tracing::error!(command_id = row.id, error = %e, "cannot record the command's audit event");
+    }
+}
+
+/// Time between the checks that verify a service after a successful start or restart.
+pub const VERIFY_SPACING: Duration = Duration::from_secs(1);
+/// How long a verification check may wait to be carried out.
+const VERIFY_DEADLINE: Duration = Duration::from_secs(60);
+
+/// After a successful start or restart the service is checked at once (and `recover_after` - 1
+/// more times, [`VERIFY_SPACING`] apart), so that it reads healthy again within about a second
+/// instead of at its next scheduled check. Stops early once the service is healthy.
+async fn verify(hub: &Hub, row: &CommandRow) {
+    let Some(svc) = hub.config().await.service(&row.service_id).cloned() else {
+        return;
+    };
+    let n = svc.thresholds.recover_after.max(1);
+    for i in 0..n {
+        if i > 0 {
+            tokio::time::sleep(VERIFY_SPACING).await;
+            match hub.store.views(&[svc.id.as_str()]).await {
+                Ok(v) if v.first().is_some_and(|v| v.state == State::Healthy) => return,
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(service = %svc.id, error = %e, "cannot read the state; verification stops");
+                    return;
+                }
+            }
+        }
+        let reason = format!(
+            "verify after command {} ({} succeeded), check {} of {n}",
+            row.id,
+            row.action,
+            i + 1
+        );
+        let created = hub
+            .store
+            .create_command(&NewCommand {
+                service_id: &svc.id,
+                node: &svc.node,
+                action: "check",
+                origin: "auto",
+                requested_by: "vigil",
+                reason: &reason,
+                deadline: Utc::now()
+                    + chrono::Duration::from_std(VERIFY_DEADLINE).unwrap_or_default(),
+            })
+            .await;
+        match created {
+            Ok(Some(id)) => {
+                tracing::debug!(service = %svc.id, command_id = id, "verification check");
+                match hub.store.command(id).await {
+                    Ok(Some(cmd)) => dispatch(hub, &cmd).await,
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::warn!(command_id = id, error = %e, "cannot read a verification check")
+                    }
+                }
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(service = %svc.id, error = %e, "cannot create a verification check");
+                return;
+            }
+        }
     }
 }
 
@@ -605,33 +853,50 @@ pub async fn tick(hub: &Hub) {
     }
 }
 
-/// On collector start-up: overdue commands are timed out, the others sent (again).
+/// On collector start-up: overdue commands are timed out, pending ones dispatched (their
+/// service's mode checked again). A command the previous run had sent to an agent stays sent: it
+/// goes again when the agent connects, and the agent's journal decides whether it runs. One it
+/// was running over SSH may or may not have run: its outcome is `unknown`, it is never re-run.
 pub async fn recover(hub: &Hub) {
     tick(hub).await;
-    if let Ok(rows) = hub.store.open_commands().await {
-        for row in rows.iter().filter(|r| r.status == "sent") {
-            if row.action == "restart-agent" {
-                // Ran over SSH by the previous run; its outcome is unknown, and running it
-                // again is the next liveness pass's decision, not a resend.
-                let _ = hub
-                    .store
-                    .finish_command(
-                        row.id,
-                        "failed",
-                        None,
-                        "the collector restarted while the agent restart ran",
-                        None,
-                    )
-                    .await;
-                continue;
-            }
-            tracing::info!(command_id = row.id, service = %row.service_id, "re-sending a command left in flight by the previous run");
-            if let Err(e) = hub.store.requeue(row.id).await {
-                tracing::error!(command_id = row.id, error = %e, "cannot requeue command");
-                continue;
-            }
-            dispatch(hub, row).await;
+    let Ok(rows) = hub.store.open_commands().await else {
+        return;
+    };
+    for row in rows
+        .iter()
+        .filter(|r| r.status == "sent" && r.via.as_deref() != Some("agent"))
+    {
+        let why = if row.action == "check" {
+            "the collector stopped while the check ran over SSH; not run again"
+        } else {
+            "outcome unknown: the collector stopped while this ran over SSH (it may or may not \
+             have completed); not run again"
+        };
+        tracing::warn!(command_id = row.id, service = %row.service_id, action = %row.action, "{why}");
+        let status = if row.action == "check" {
+            "failed"
+        } else {
+            "unknown"
+        };
+        match hub
+            .store
+            .finish_command(row.id, status, None, why, None)
+            .await
+        {
+            Ok(Some(done)) => after_finish(hub, &done).await,
+            Ok(None) => {}
+            Err(e) => tracing::error!(command_id = row.id, error = %e, "cannot close a command"),
         }
+    }
+    let waiting = rows
+        .iter()
+        .filter(|r| r.status == "sent" && r.via.as_deref() == Some("agent"))
+        .count();
+    if waiting > 0 {
+        tracing::info!(
+            commands = waiting,
+            "commands sent to agents by the previous run go again when their agent connects"
+        );
     }
 }
 
@@ -689,6 +954,7 @@ mod tests {
             last_error_at: None,
             last_restart_at: None,
             stale: false,
+            maintenance: false,
         }
     }
 
@@ -716,6 +982,10 @@ mod tests {
         for v in [
             ServiceView {
                 stale: true,
+                ..down()
+            },
+            ServiceView {
+                maintenance: true,
                 ..down()
             },
             ServiceView {

@@ -82,6 +82,7 @@ pub fn result(r: &mut CheckResult) -> bool {
 /// changed.
 pub fn command_result(r: &mut CommandResult) -> bool {
     let mut changed = text(&mut r.command_id, 64);
+    changed |= text(&mut r.issuer, 64);
     changed |= text(&mut r.output, MAX_OUTPUT_BYTES);
     if let Some(c) = &mut r.check {
         changed |= result(c);

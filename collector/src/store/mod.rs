@@ -207,6 +207,8 @@ pub struct Store {
     /// `pool_size - reserved` connections, so that under a backlog of them a failing result (the
     /// one that may cross a threshold) and the command it causes still find a connection at once.
     bulk: std::sync::Arc<tokio::sync::Semaphore>,
+    /// The database's identity (`instance.uid`): the issuer of its command ids.
+    uid: std::sync::Arc<str>,
 }
 
 /// Connections batches of passing results leave for everything else (failing results, commands,
@@ -261,6 +263,10 @@ impl Store {
         for m in report.applied_migrations() {
             tracing::info!(version = m.version(), name = m.name(), "applied migration");
         }
+        let uid: String = client
+            .query_one("SELECT uid FROM instance", &[])
+            .await?
+            .get(0);
         drop(client);
         let _ = conn_task.await;
 
@@ -282,7 +288,13 @@ impl Store {
         Ok(Store {
             pool,
             bulk: std::sync::Arc::new(tokio::sync::Semaphore::new(bulk_permits(pool_size))),
+            uid: uid.into(),
         })
+    }
+
+    /// The database's identity: agents key their command journal by it and the command id.
+    pub fn uid(&self) -> &str {
+        &self.uid
     }
 
     /// Makes the nodes and services tables match the config; services no longer configured are
@@ -447,7 +459,8 @@ pub struct CommandRow {
     pub reason: String,
     /// agent | ssh, once sent
     pub via: Option<String>,
-    /// pending | sent | succeeded | failed | timed_out
+    /// pending | sent | succeeded | failed | timed_out | unknown (it may or may not have run) |
+    /// cancelled (never sent)
     pub status: String,
     pub attempt: i32,
     pub created_at: DateTime<Utc>,
@@ -456,11 +469,20 @@ pub struct CommandRow {
     pub deadline: DateTime<Utc>,
     pub exit_code: Option<i32>,
     pub output: String,
+    /// When the agent started it (from its journal).
+    pub started_at: Option<DateTime<Utc>>,
+    /// The outcome the agent reported after the command had been closed (timed out at its
+    /// deadline, cancelled, unknown): what really happened, kept beside `status`.
+    pub late_status: Option<String>,
+    pub late_exit_code: Option<i32>,
+    pub late_output: Option<String>,
+    pub late_at: Option<DateTime<Utc>>,
 }
 
 const COMMAND_COLUMNS: &str =
     "id, service_id, node, action, origin, requested_by, reason, via, status, attempt,
-     created_at, sent_at, finished_at, deadline, exit_code, output";
+     created_at, sent_at, finished_at, deadline, exit_code, output,
+     started_at, late_status, late_exit_code, late_output, late_at";
 
 fn command_row(r: &tokio_postgres::Row) -> CommandRow {
     CommandRow {
@@ -480,6 +502,11 @@ fn command_row(r: &tokio_postgres::Row) -> CommandRow {
         deadline: r.get(13),
         exit_code: r.get(14),
         output: r.get(15),
+        started_at: r.get(16),
+        late_status: r.get(17),
+        late_exit_code: r.get(18),
+        late_output: r.get(19),
+        late_at: r.get(20),
     }
 }
 
@@ -502,6 +529,8 @@ pub struct ServiceView {
     pub last_restart_at: Option<DateTime<Utc>>,
     /// No recent result: its state is not known now.
     pub stale: bool,
+    /// A maintenance window covers it now: no restarts.
+    pub maintenance: bool,
 }
 
 /// The channel the collector listens on for new commands (`NOTIFY vigil_commands, 'ID'`).
@@ -653,6 +682,68 @@ impl Store {
         self.query_commands(&sql, &[]).await
     }
 
+    /// Cancels an open command that must not be (re-)sent; returns it, or `None` if it had
+    /// finished meanwhile.
+    pub async fn cancel_command(
+        &self,
+        id: i64,
+        why: &str,
+    ) -> Result<Option<CommandRow>, StoreError> {
+        let sql = format!(
+            "UPDATE commands SET status = 'cancelled', finished_at = now(), output = $2
+             WHERE id = $1 AND status IN ('pending', 'sent') RETURNING {COMMAND_COLUMNS}"
+        );
+        Ok(self.query_commands(&sql, &[&id, &why]).await?.pop())
+    }
+
+    /// Counts another send of a command already sent to an agent (after it reconnected). False
+    /// if it is no longer open.
+    pub async fn mark_resent(&self, id: i64) -> Result<bool, StoreError> {
+        let client = self.pool.get().await?;
+        let n = client
+            .execute(
+                "UPDATE commands SET attempt = attempt + 1, sent_at = now()
+                 WHERE id = $1 AND status = 'sent' AND via = 'agent'",
+                &[&id],
+            )
+            .await?;
+        Ok(n == 1)
+    }
+
+    /// Records when the agent started a command (the first report wins).
+    pub async fn command_started(&self, id: i64, at: DateTime<Utc>) -> Result<(), StoreError> {
+        let client = self.pool.get().await?;
+        client
+            .execute(
+                "UPDATE commands SET started_at = coalesce(started_at, $2) WHERE id = $1",
+                &[&id, &at],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Records the outcome an agent reported for a command the collector had already closed
+    /// (timed out, cancelled, unknown): both facts are kept. Returns the row if this was news.
+    pub async fn late_outcome(
+        &self,
+        id: i64,
+        status: &str,
+        exit_code: Option<i32>,
+        output: &str,
+    ) -> Result<Option<CommandRow>, StoreError> {
+        let sql = format!(
+            "UPDATE commands SET late_status = $2, late_exit_code = $3, late_output = $4, late_at = now()
+             WHERE id = $1 AND late_status IS NULL
+               AND status IN ('timed_out', 'cancelled', 'unknown')
+               AND NOT (status = 'unknown' AND $2 = 'unknown')
+             RETURNING {COMMAND_COLUMNS}"
+        );
+        Ok(self
+            .query_commands(&sql, &[&id, &status, &exit_code, &output])
+            .await?
+            .pop())
+    }
+
     /// Recent commands of a service, newest first.
     pub async fn commands_of(
         &self,
@@ -676,7 +767,8 @@ impl Store {
                         st.last_error_at,
                         (SELECT max(c.finished_at) FROM commands c WHERE c.service_id = st.service_id
                                 AND c.action IN ('start', 'restart')),
-                        st.stale_since IS NOT NULL
+                        st.stale_since IS NOT NULL,
+                        coalesce(st.maintenance_until > now(), false)
                  FROM service_state st WHERE st.service_id = ANY($1)",
                 &[&ids],
             )
@@ -697,6 +789,7 @@ impl Store {
                 last_error_at: r.get(10),
                 last_restart_at: r.get(11),
                 stale: r.get(12),
+                maintenance: r.get(13),
             })
             .collect())
     }
