@@ -110,6 +110,49 @@ async fn killed_container_is_restarted_through_the_agent() -> anyhow::Result<()>
     Ok(())
 }
 
+/// A killed container (`docker` check, scheduled only once an hour: the Docker event makes it
+/// run at once) is restarted, and the successful restart is verified by a check at once, so it
+/// reads healthy again within about a second instead of at its next scheduled check (here: an
+/// hour away, so without the verification this test cannot pass).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_container_reads_healthy_right_after_its_restart() -> anyhow::Result<()> {
+    let container = docker::Container::run_busybox_httpd().await?;
+    let web = format!(
+        "id: web\ncategory: container\nnode: n1\ncheck:\n  type: docker\n  interval: 1h\n  timeout: 5s\n  container: {0}\n\
+         control:\n  container: {0}\n  timeout: 30s\non_failure:\n  action: restart\n  after: 1\n  recover_after: 1\n  grace: 5s\n",
+        container.name
+    );
+    let (db, ws, collector) = setup(&[("web", web)]).await?;
+    let agent = start_agent(&ws.write_agent("a", "n1", "n1", collector.grpc_addr)?).await?;
+    connected(&agent).await?;
+    let client = db.connect().await?;
+    let is = |want: &'static str| {
+        let client = &client;
+        move || async move { Ok((state(client, "web").await? == want).then_some(())) }
+    };
+    wait_for("web healthy", LIMIT, is("healthy")).await?;
+    container.kill()?;
+    let killed = Instant::now();
+    wait_for("web down", LIMIT, is("down")).await?;
+    let down = killed.elapsed();
+    wait_for("web healthy after the restart", LIMIT, is("healthy")).await?;
+    let healthy = killed.elapsed();
+    eprintln!("kill -> down {down:?}, kill -> healthy again {healthy:?}");
+    assert!(container.running()?, "the container is not running");
+    let verified = count(
+        &client,
+        "SELECT count(*) FROM commands WHERE service_id = $1 AND action = 'check' AND origin = 'auto'
+         AND status = 'succeeded' AND reason LIKE 'verify after command%'",
+        "web",
+    )
+    .await?;
+    assert!(verified >= 1, "no verification check");
+    assert_eq!(auto_restarts(&client, "web").await?, 1);
+    agent.shutdown().await;
+    collector.shutdown().await;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crash_loop_stops_at_the_budget_and_gives_up() -> anyhow::Result<()> {
     // Nothing listens on this port: every restart "succeeds" but the service stays down.
