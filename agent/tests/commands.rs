@@ -40,7 +40,7 @@ enum Event {
     /// A session started (with this Hello); messages for the agent go here.
     Session(ToAgent, Box<Hello>),
     Pong(u64),
-    CommandResult(CommandResult),
+    CommandResult(Box<CommandResult>),
 }
 
 struct Fake {
@@ -100,7 +100,7 @@ impl AgentService for Fake {
                         let _ = events.send(Event::Pong(p.nonce));
                     }
                     Some(Out::CommandResult(c)) => {
-                        let _ = events.send(Event::CommandResult(c));
+                        let _ = events.send(Event::CommandResult(Box::new(c)));
                     }
                     Some(Out::Status(_)) | None => {}
                 }
@@ -252,7 +252,7 @@ impl Setup {
 
     async fn result_of(&mut self, id: &str) -> CommandResult {
         self.expect(&format!("the result of command {id}"), |e| match e {
-            Event::CommandResult(r) if r.command_id == id => Some(r.clone()),
+            Event::CommandResult(r) if r.command_id == id => Some((**r).clone()),
             _ => None,
         })
         .await

@@ -18,7 +18,8 @@
 //! - `vigil_results_ingested_total`, `vigil_results_duplicate_total`: results stored / already
 //!   stored (resent after a lost acknowledgement).
 //! - `vigil_agents_connected`: agent streams open now.
-//! - `vigil_commands_total{action,outcome}`: finished commands (`succeeded`, `failed`, `timed_out`).
+//! - `vigil_commands_total{action,outcome}`: finished commands (`succeeded`, `failed`, `timed_out`,
+//!   `unknown`, `cancelled`; `late_<outcome>` for an outcome reported after the command was closed).
 //! - `vigil_ingest_batch_seconds`: time to store one agent batch (one transaction).
 
 use std::collections::HashMap;
@@ -142,7 +143,7 @@ impl Metrics {
         let commands = Family::<CommandLabels, Counter>::default();
         registry.register(
             "vigil_commands",
-            "Finished commands, by action and outcome (succeeded, failed, timed_out)",
+            "Finished commands, by action and outcome (succeeded, failed, timed_out, unknown, cancelled; late_* when reported after it was closed)",
             commands.clone(),
         );
         // 1 ms .. ~4 s.

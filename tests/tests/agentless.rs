@@ -243,7 +243,10 @@ async fn a_command_whose_agent_disconnects_mid_run_is_resolved() -> anyhow::Resu
             "{service}: {}",
             row.output
         );
-        assert!(!flag.exists(), "{service}: the restart ran to its end somewhere");
+        assert!(
+            !flag.exists(),
+            "{service}: the restart ran to its end somewhere"
+        );
         // The agent comes back: its journal says the command was cut off mid-run.
         let agent = start_agent(&ws.write_agent(node, node, node, collector.grpc_addr)?).await?;
         connected(&agent).await?;

@@ -387,7 +387,11 @@ async fn collector_killed_after_the_command_finished_before_the_outcome_is_store
     })
     .await?;
     collector.kill9().await?;
-    assert_eq!(rig.command(id).await?.status, "sent", "stored before the kill");
+    assert_eq!(
+        rig.command(id).await?.status,
+        "sent",
+        "stored before the kill"
+    );
     let since = Utc::now();
     let collector = rig.collector()?;
     rig.connected_since(since).await?;
@@ -477,8 +481,7 @@ async fn paused_during_an_automatic_restart_in_flight_is_not_run_again() -> anyh
 
 /// A restart requested while the agent is frozen (SIGSTOP) runs once, soon after it resumes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn restart_due_while_the_agent_is_frozen_runs_once_after_it_resumes() -> anyhow::Result<()>
-{
+async fn restart_due_while_the_agent_is_frozen_runs_once_after_it_resumes() -> anyhow::Result<()> {
     let rig = Rig::new().await?;
     let collector = rig.collector()?;
     let t0 = Utc::now();

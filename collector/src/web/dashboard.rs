@@ -405,7 +405,10 @@ async fn service_page(
         table { thead { tr { th { "#" } th { "Action" } th { "By" } th { "Status" } th { "Created" } th { "Via" } th { "Output" } } }
             tbody { @for c in &commands { tr {
                 td { (c.id) } td { (c.action) " (" (c.origin) ")" } td { (c.requested_by) }
-                td { span.badge.{ "cmd-" (c.status) } { (c.status) } }
+                td { span.badge.{ "cmd-" (c.status) } { (c.status) }
+                    @if let Some(late) = &c.late_status {
+                        " " span.badge.{ "cmd-" (late) } title=(c.late_output.as_deref().unwrap_or("")) { "reported later: " (late) }
+                    } }
                 td { (c.created_at.format("%m-%d %H:%M:%S")) } td { (c.via.as_deref().unwrap_or("–")) }
                 td { @if !c.output.is_empty() { details { summary { (c.output.lines().last().unwrap_or("")) } pre { (c.output) } } } }
             } } }
