@@ -344,6 +344,10 @@ pub async fn resend_to_agent(hub: &Hub, node: &str) {
         .iter()
         .filter(|r| r.node == node && r.status == "sent" && r.via.as_deref() == Some("agent"))
     {
+        if row.deadline <= Utc::now() {
+            // Timed out by the next pass; an outcome the agent still holds arrives late.
+            continue;
+        }
         match must_not_send(hub, row).await {
             Ok(Some(why)) => {
                 let _ = cancel(hub, row, &why).await;
@@ -387,6 +391,13 @@ pub async fn resend_to_agent(hub: &Hub, node: &str) {
 }
 
 async fn try_dispatch(hub: &Hub, cmd: &CommandRow) -> Result<(), crate::store::StoreError> {
+    if cmd.deadline <= Utc::now() {
+        tracing::info!(
+            command_id = cmd.id,
+            "deadline passed before the command could be sent; not sent"
+        );
+        return Ok(()); // the next pass times it out
+    }
     if let Some(why) = must_not_send(hub, cmd).await? {
         return cancel(hub, cmd, &why).await;
     }
