@@ -671,6 +671,7 @@ mod tests {
             on_stale: crate::config::OnStale::Alert,
             source: "s.yaml".into(),
             explicit: Default::default(),
+            labels: Default::default(),
         }
     }
 
