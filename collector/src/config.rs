@@ -421,6 +421,8 @@ pub struct ServiceFile {
     /// What a stale service raises: `alert` (default) or `ignore`.
     #[serde(default)]
     pub on_stale: OnStale,
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 /// `on_stale:` in a service file.
@@ -507,6 +509,7 @@ pub struct Service {
     pub source: PathBuf,
     /// Which of the values that runtime settings can replace the service file set itself.
     pub explicit: Explicit,
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 impl Service {
@@ -604,6 +607,72 @@ pub(crate) fn valid_name(s: &str) -> bool {
         && s.len() <= 64
         && s.chars()
             .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+}
+
+/// Longest label value (characters).
+pub const MAX_LABEL_VALUE: usize = 256;
+
+/// A label key: `[a-z0-9_.-]{1,63}`.
+pub fn valid_label_key(k: &str) -> bool {
+    (1..=63).contains(&k.len())
+        && k.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'_' | b'.' | b'-')
+        })
+}
+
+/// Where `key` is written under the top-level `labels:` of a service file (":LINE:COLUMN").
+fn label_location(text: &str, key: &str) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    let Some(first) = lines.iter().position(|l| l.starts_with("labels:")) else {
+        return String::new();
+    };
+    for (i, line) in lines.iter().enumerate().skip(first) {
+        if i > first && !line.is_empty() && !line.starts_with([' ', '\t', '#']) {
+            break;
+        }
+        let mut from = if i == first { "labels:".len() } else { 0 };
+        while let Some(at) = line[from..].find(key) {
+            let pos = from + at;
+            let rest = line[pos + key.len()..].trim_start_matches(['"', '\'']);
+            if rest.starts_with(':') {
+                return format!(":{}:{}", i + 1, pos + 1);
+            }
+            from = pos + key.len().max(1);
+        }
+    }
+    format!(":{}:1", first + 1)
+}
+
+/// Checks a service file's labels: keys `[a-z0-9_.-]{1,63}`, values at most
+/// [`MAX_LABEL_VALUE`] characters; an invalid one is reported with file:line:column and key.
+fn check_labels(
+    f: &Path,
+    text: &str,
+    labels: &BTreeMap<String, String>,
+) -> Result<(), ConfigError> {
+    for (k, v) in labels {
+        let message = if !valid_label_key(k) {
+            format!("{k:?} is not a valid label key (a-z, 0-9, _ . -, 1 to 63 characters)")
+        } else if v.chars().count() > MAX_LABEL_VALUE {
+            format!(
+                "a label value is at most {MAX_LABEL_VALUE} characters (this one has {})",
+                v.chars().count()
+            )
+        } else {
+            continue;
+        };
+        return Err(ConfigError::Parse {
+            path: f.to_path_buf(),
+            location: if k.is_empty() {
+                String::new()
+            } else {
+                label_location(text, k)
+            },
+            key: format!("labels.{k}: "),
+            message,
+        });
+    }
+    Ok(())
 }
 
 impl Config {
@@ -720,6 +789,7 @@ impl Config {
         for f in files {
             let text = read(&f)?;
             let sf: ServiceFile = parse_yaml(&f, &text)?;
+            check_labels(&f, &text, &sf.labels)?;
             let mut svc = Self::load_service(&f, sf, &file.defaults, &seen)?;
             // The parsed spec carries a default interval; whether the file wrote one is only
             // visible in the document itself.
@@ -937,6 +1007,7 @@ impl Config {
                 after: of.after.is_some(),
                 retry_after: of.retry_after.is_some(),
             },
+            labels: sf.labels,
         })
     }
 
@@ -1133,6 +1204,43 @@ defaults:
         let (_dir, path) = setup(&[("ocr.yaml", s)]);
         let err = load(&path).unwrap_err().to_string();
         assert!(err.contains("missing.pdf"), "{err}");
+    }
+
+    #[test]
+    fn labels_are_loaded_and_bad_ones_refused_with_their_line() {
+        let s = format!("{TCP}labels:\n  env: prod\n  team.ocr-1_x: \"\"\n");
+        let (_dir, path) = setup(&[("db.yaml", &s)]);
+        let cfg = load(&path).unwrap();
+        let labels = &cfg.service("db").unwrap().labels;
+        assert_eq!(labels.get("env").map(String::as_str), Some("prod"));
+        assert_eq!(labels.len(), 2);
+
+        let s = format!("{TCP}labels:\n  env: prod\n  Team: ocr\n");
+        let (dir, path) = setup(&[("db.yaml", &s)]);
+        let err = load(&path).unwrap_err().to_string();
+        let file = dir.path().join("services/db.yaml");
+        assert!(err.starts_with(&format!("{}:9:", file.display())), "{err}");
+        assert!(err.contains("labels.Team: \"Team\" is not"), "{err}");
+        let s = format!("{TCP}labels: {{env: prod, Team: ocr}}\n");
+        let (_dir, path) = setup(&[("db.yaml", &s)]);
+        let err = load(&path).unwrap_err().to_string();
+        assert!(err.contains("db.yaml:7:21: labels.Team"), "{err}");
+
+        let long = "x".repeat(257);
+        let s = format!("{TCP}labels:\n  env: {long}\n");
+        let (_dir, path) = setup(&[("db.yaml", &s)]);
+        let err = load(&path).unwrap_err().to_string();
+        assert!(
+            err.contains("db.yaml:8:") && err.contains("labels.env"),
+            "{err}"
+        );
+        assert!(err.contains("256"), "{err}");
+
+        let s = format!("{TCP}labels:\n  {}: x\n", "k".repeat(64));
+        let (_dir, path) = setup(&[("db.yaml", &s)]);
+        assert!(load(&path).unwrap_err().to_string().contains("label key"));
+        assert!(valid_label_key(&"k".repeat(63)));
+        assert!(!valid_label_key(""));
     }
 
     /// The shipped examples must stay valid: the template as a service file, and the whole

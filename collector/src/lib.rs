@@ -8,6 +8,7 @@ pub mod config;
 pub mod doctor;
 pub mod grpc;
 pub mod liveness;
+pub mod maintenance;
 pub mod metrics;
 pub mod notify;
 pub mod remediation;
@@ -112,6 +113,7 @@ impl Collector {
                     _ = ticker_hub.shutdown.cancelled() => return,
                     _ = every.tick() => {
                         liveness::pass(&ticker_hub).await;
+                        maintenance::pass(&ticker_hub).await;
                         remediation::tick(&ticker_hub).await;
                     }
                 }

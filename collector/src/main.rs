@@ -21,6 +21,8 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once per run: the size of the biggest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Run the collector until SIGINT/SIGTERM; SIGHUP reloads the config (a bad config is
@@ -73,6 +75,89 @@ enum Command {
     Ca {
         #[command(subcommand)]
         command: CaCommand,
+    },
+    /// Maintenance windows: scheduled silences during which the services they cover are neither
+    /// restarted nor alerted about (checks go on). Talks to the database directly.
+    Maintenance {
+        #[command(subcommand)]
+        command: MaintenanceCommand,
+    },
+}
+
+fn parse_time(s: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
+    chrono::DateTime::parse_from_rfc3339(s)
+        .map(|t| t.with_timezone(&chrono::Utc))
+        .map_err(|e| format!("{s:?} is not an RFC 3339 time like 2025-06-01T22:00:00Z: {e}"))
+}
+
+#[allow(clippy::large_enum_variant)]
+#[derive(Subcommand)]
+enum MaintenanceCommand {
+    /// Create a window. One-off: --from (default now) and --to or --duration. Recurring:
+    /// --every daily|weekly (weekly: --days), --start HH:MM, --duration, --time-zone. Say which
+    /// services it covers with any of --service, --node, --category, --label (a service must
+    /// satisfy every one given; repeat a flag for several values).
+    #[command(after_help = "Examples:
+  vigil-collector maintenance add -c collector.yaml --name 'db upgrade' --service db --duration 2h
+  vigil-collector maintenance add -c collector.yaml --name 'kernel updates' --node gpu-1 \\
+      --from 2025-06-01T22:00:00Z --to 2025-06-02T01:00:00Z
+  vigil-collector maintenance add -c collector.yaml --name 'nightly backup' --label env=prod \\
+      --every weekly --days sat,sun --start 02:00 --duration 90m --time-zone Europe/Berlin")]
+    Add {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Who creates it (recorded); default: $USER.
+        #[arg(long = "as", env = "USER", default_value = "cli")]
+        who: String,
+        /// What the window is for.
+        #[arg(long)]
+        name: String,
+        #[arg(long, default_value = "")]
+        comment: String,
+        /// One-off: start (RFC 3339, e.g. 2025-06-01T22:00:00Z); default now.
+        #[arg(long, value_parser = parse_time)]
+        from: Option<chrono::DateTime<chrono::Utc>>,
+        /// One-off: end (RFC 3339).
+        #[arg(long, value_parser = parse_time)]
+        to: Option<chrono::DateTime<chrono::Utc>>,
+        /// How long it lasts (90m, 2h); one-off: instead of --to.
+        #[arg(long)]
+        duration: Option<String>,
+        /// Recurring: daily or weekly.
+        #[arg(long, value_parser = ["daily", "weekly"])]
+        every: Option<String>,
+        /// Weekly: the days it starts on (mon,tue,...).
+        #[arg(long, value_delimiter = ',')]
+        days: Vec<String>,
+        /// Recurring: local start time, HH:MM.
+        #[arg(long)]
+        start: Option<String>,
+        /// Recurring: IANA time zone of --start (default UTC), e.g. Europe/Berlin.
+        #[arg(long)]
+        time_zone: Option<String>,
+        /// A service id it covers (repeatable).
+        #[arg(long = "service")]
+        services: Vec<String>,
+        /// A node whose services it covers (repeatable).
+        #[arg(long = "node")]
+        nodes: Vec<String>,
+        /// A category it covers: api, web, container, system, gpu (repeatable).
+        #[arg(long = "category")]
+        categories: Vec<String>,
+        /// key=value: covered services carry this label (repeatable; all must match).
+        #[arg(long = "label")]
+        labels: Vec<String>,
+    },
+    /// List the windows: schedule, matcher, whether in force now or when next.
+    List {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Delete a window by id; the services it covered leave maintenance at once.
+    Delete {
+        #[arg(long, short)]
+        config: PathBuf,
+        id: i64,
     },
 }
 
@@ -196,6 +281,7 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Token { command } => token(command).await,
+        Command::Maintenance { command } => maintenance(command).await,
         Command::Ca { command } => match command {
             CaCommand::Init { dir, hosts } => {
                 for f in ca::init(&dir, &hosts)? {
@@ -396,6 +482,142 @@ async fn token(command: TokenCommand) -> anyhow::Result<()> {
                 anyhow::bail!("no active token named {name:?} (see `token list`)");
             }
             println!("token {name:?} revoked");
+        }
+    }
+    Ok(())
+}
+
+/// The flag of `maintenance add` that a refused field comes from.
+fn flag_of(field: &str) -> &str {
+    match field {
+        "services" => "--service",
+        "nodes" => "--node",
+        "categories" => "--category",
+        "labels" => "--label",
+        "recurrence" => "--every",
+        "time_zone" => "--time-zone",
+        "matcher" => "--service/--node/--category/--label",
+        "name" => "--name",
+        "comment" => "--comment",
+        "from" => "--from",
+        "to" => "--to",
+        "duration" => "--duration",
+        "days" => "--days",
+        "start" => "--start",
+        other => other,
+    }
+}
+
+async fn maintenance(command: MaintenanceCommand) -> anyhow::Result<()> {
+    use vigil_collector::maintenance::{
+        Known, Recurrence, WindowSpec, apply, describe, describe_matcher, views,
+    };
+    let (MaintenanceCommand::Add { config: path, .. }
+    | MaintenanceCommand::List { config: path }
+    | MaintenanceCommand::Delete { config: path, .. }) = &command;
+    let cfg = Config::load(path)?;
+    let store = Store::connect(&cfg.database_url, 1).await?;
+    let fmt = |t: chrono::DateTime<chrono::Utc>| t.format("%Y-%m-%d %H:%M:%S UTC").to_string();
+    match command {
+        MaintenanceCommand::Add {
+            who,
+            name,
+            comment,
+            from,
+            to,
+            duration,
+            every,
+            days,
+            start,
+            time_zone,
+            services,
+            nodes,
+            categories,
+            labels,
+            ..
+        } => {
+            let spec = WindowSpec {
+                name,
+                comment,
+                from,
+                to,
+                recurrence: every.map(|e| {
+                    if e == "weekly" {
+                        Recurrence::Weekly
+                    } else {
+                        Recurrence::Daily
+                    }
+                }),
+                days,
+                start,
+                duration,
+                time_zone,
+                services,
+                nodes,
+                categories,
+                labels,
+            };
+            let spec = spec
+                .normalize(&Known::of(&cfg), chrono::Utc::now())
+                .map_err(|e| anyhow::anyhow!("{}: {}", flag_of(e.field), e.reason))?;
+            let id = store
+                .create_maintenance(&spec, &format!("cli:{who}"))
+                .await?;
+            apply(&store, &cfg).await?;
+            let row = store
+                .maintenance_window(id)
+                .await?
+                .context("the window disappeared")?;
+            let v = views(&[row], &cfg, chrono::Utc::now())
+                .pop()
+                .context("the window disappeared")?;
+            println!(
+                "maintenance window {id} {:?} created: {}; matches {}",
+                spec.name,
+                describe(&spec),
+                describe_matcher(&spec)
+            );
+            match (v.active_until, v.next_start) {
+                (Some(u), _) => println!("in force now, until {}", fmt(u)),
+                (None, Some(n)) => println!("next in force from {}", fmt(n)),
+                (None, None) => println!("never in force again"),
+            }
+            if v.covers.is_empty() {
+                println!("covers no configured service (yet)");
+            } else {
+                println!("covers: {}", v.covers.join(", "));
+            }
+        }
+        MaintenanceCommand::List { .. } => {
+            let rows = store.maintenance_windows().await?;
+            let now = chrono::Utc::now();
+            println!(
+                "{:<5} {:<24} {:<44} {:<32} {:<30} CREATED BY",
+                "ID", "NAME", "SCHEDULE", "MATCHES", "STATE"
+            );
+            for v in views(&rows, &cfg, now) {
+                let state = match (v.active_until, v.next_start) {
+                    (Some(u), _) => format!("ACTIVE until {}", fmt(u)),
+                    (None, Some(n)) => format!("next {}", fmt(n)),
+                    (None, None) => "over".into(),
+                };
+                println!(
+                    "{:<5} {:<24} {:<44} {:<32} {:<30} {}",
+                    v.id,
+                    v.spec.name,
+                    describe(&v.spec),
+                    describe_matcher(&v.spec),
+                    state,
+                    v.created_by
+                );
+            }
+        }
+        MaintenanceCommand::Delete { id, .. } => {
+            let Some(name) = store.delete_maintenance(id).await? else {
+                anyhow::bail!("no maintenance window {id} (see `maintenance list`)");
+            };
+            apply(&store, &cfg).await?;
+            println!("maintenance window {id} {name:?} deleted");
         }
     }
     Ok(())

@@ -21,6 +21,8 @@
 //! - `vigil_commands_total{action,outcome}`: finished commands (`succeeded`, `failed`, `timed_out`,
 //!   `unknown`, `cancelled`; `late_<outcome>` for an outcome reported after the command was closed).
 //! - `vigil_ingest_batch_seconds`: time to store one agent batch (one transaction).
+//! - `vigil_service_gave_up{service,node}`: 1 while remediation has given up restarting the
+//!   service (its restart budget is spent), else 0; read from the database at each scrape.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -91,6 +93,15 @@ pub struct Metrics {
     results_replaced: Family<NodeLabels, Counter>,
     backlog_results: Family<NodeLabels, Gauge>,
     backlog_oldest: Family<NodeLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    service_gave_up: Family<GaveUpLabels, Gauge>,
+    /// Held while `vigil_service_gave_up` is rebuilt and the exposition written.
+    scrape_lock: tokio::sync::Mutex<()>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct GaveUpLabels {
+    service: String,
+    node: String,
 }
 
 fn node_labels(node: &str) -> NodeLabels {
@@ -198,7 +209,15 @@ impl Metrics {
             Unit::Seconds,
             backlog_oldest.clone(),
         );
+        let service_gave_up = Family::<GaveUpLabels, Gauge>::default();
+        registry.register(
+            "vigil_service_gave_up",
+            "1 while remediation has given up restarting the service (restart budget spent), else 0",
+            service_gave_up.clone(),
+        );
         Metrics {
+            service_gave_up,
+            scrape_lock: tokio::sync::Mutex::new(()),
             node_up,
             results_lost,
             results_dropped,
@@ -353,6 +372,33 @@ impl Metrics {
     }
 }
 
+impl Metrics {
+    /// Replaces `vigil_service_gave_up` with `flags` (service, node, gave up): services no
+    /// longer configured disappear.
+    pub fn set_gave_up(&self, flags: &[(String, String, bool)]) {
+        self.service_gave_up.clear();
+        for (service, node, gave_up) in flags {
+            self.service_gave_up
+                .get_or_create(&GaveUpLabels {
+                    service: service.clone(),
+                    node: node.clone(),
+                })
+                .set(i64::from(*gave_up));
+        }
+    }
+
+    /// The exposition after reading the gave-up flags from the database (on failure the last
+    /// values are kept and the failure logged).
+    pub async fn scrape(&self, store: &crate::store::Store) -> String {
+        let _one = self.scrape_lock.lock().await;
+        match store.gave_up_flags().await {
+            Ok(flags) => self.set_gave_up(&flags),
+            Err(e) => tracing::warn!(error = %e, "metrics: cannot read gave-up flags"),
+        }
+        self.encode()
+    }
+}
+
 /// Loads `vigil_service_up` of every service from the database (at start-up, before any ingest
 /// updates it). A failure is logged: the gauges then appear as results arrive.
 pub async fn init(hub: &Hub) {
@@ -406,7 +452,11 @@ async fn scrape(State(hub): State<Arc<Hub>>, headers: HeaderMap) -> Response {
         )
             .into_response();
     }
-    ([(header::CONTENT_TYPE, CONTENT_TYPE)], hub.metrics.encode()).into_response()
+    (
+        [(header::CONTENT_TYPE, CONTENT_TYPE)],
+        hub.metrics.scrape(&hub.store).await,
+    )
+        .into_response()
 }
 
 /// The `/metrics` endpoint (bearer token required when `metrics.bearer_token_file` is set).
@@ -453,6 +503,31 @@ mod tests {
             assert!(lines.contains(&want), "missing {want:?} in:\n{text}");
         }
         assert_eq!(lines.last(), Some(&"# EOF"));
+    }
+
+    #[test]
+    fn gave_up_is_exported_and_forgotten_services_disappear() {
+        let m = Metrics::new();
+        m.set_gave_up(&[
+            ("web".into(), "n1".into(), true),
+            ("db".into(), "n1".into(), false),
+        ]);
+        let text = m.encode();
+        assert!(
+            text.contains("# TYPE vigil_service_gave_up gauge"),
+            "{text}"
+        );
+        assert!(
+            text.contains("vigil_service_gave_up{service=\"web\",node=\"n1\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("vigil_service_gave_up{service=\"db\",node=\"n1\"} 0"),
+            "{text}"
+        );
+        m.set_gave_up(&[("db".into(), "n1".into(), false)]);
+        let text = m.encode();
+        assert!(!text.contains("service=\"web\""), "{text}");
     }
 
     #[test]

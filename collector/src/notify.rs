@@ -338,6 +338,7 @@ mod tests {
             on_stale: crate::config::OnStale::Alert,
             source: "api.yaml".into(),
             explicit: Default::default(),
+            labels: Default::default(),
         }
     }
 

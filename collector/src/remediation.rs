@@ -947,6 +947,7 @@ mod tests {
             on_stale: crate::config::OnStale::Alert,
             source: "s.yaml".into(),
             explicit: Default::default(),
+            labels: Default::default(),
         }
     }
 

@@ -1,6 +1,7 @@
 //! Dashboard in a real browser (headless Chromium via chromedriver and fantoccini): login, live
 //! status badges over server-sent events, a confirmed restart followed to "succeeded", a pause
-//! seen without reloading, and the service and nodes pages.
+//! seen without reloading, and the service and nodes pages; a maintenance window created from
+//! the service page and its badge in the list.
 
 use std::time::Duration;
 
@@ -127,5 +128,101 @@ async fn login_live_updates_and_restart() -> anyhow::Result<()> {
 
     browser.close().await?;
     drop(agent);
+    Ok(())
+}
+
+/// The service page's maintenance form creates a one-off window for the service (with the
+/// session's CSRF token); the page then says until when, and the services list shows the
+/// "maintenance" badge (and no "gave up" badge).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn maintenance_form_and_badges() -> anyhow::Result<()> {
+    init();
+    let browser = Browser::start().await?;
+    let db = pg::test_db().await?;
+    let ws = Workspace::new()?;
+    ws.write_service("web", &vigil_tests::web_front_service("web", "n1"))?;
+    ws.write_service("db", &vigil_tests::true_service("db", "n1"))?;
+    let path = ws.write_collector(&db.url, &["n1"])?;
+    let collector = Collector::start(Config::load(&path)?).await?;
+    let (token, _) = create_token(&collector.hub.store, "operator-1", Role::Operator).await?;
+    let base = format!("http://{}", collector.http_addr.expect("http enabled"));
+    let c = &browser.client;
+    c.goto(&format!("{base}/login")).await?;
+    c.find(Locator::Css("#token"))
+        .await?
+        .send_keys(&token)
+        .await?;
+    c.find(Locator::Css("#login")).await?.click().await?;
+    wait_for("the services page after login", LIMIT, || async {
+        Ok(browser
+            .exists(r#"tr[data-service="web"]"#)
+            .await?
+            .then_some(()))
+    })
+    .await?;
+    let hidden = |css: &'static str| {
+        let b = &browser;
+        async move {
+            let v = b
+                .js(&format!("return document.querySelector('{css}').hidden;"))
+                .await?;
+            anyhow::Ok(v.as_bool())
+        }
+    };
+    const MAINT: &str = r#"tr[data-service="web"] [data-field="maintenance"]"#;
+    assert_eq!(hidden(MAINT).await?, Some(true));
+
+    c.goto(&format!("{base}/services/web")).await?;
+    assert!(
+        browser
+            .text("#maintenance-now")
+            .await?
+            .contains("Not in maintenance")
+    );
+    c.find(Locator::Css(r#"#maintenance-form input[name="name"]"#))
+        .await?
+        .send_keys("browser window")
+        .await?;
+    c.find(Locator::Css(r#"#maintenance-form button[type="submit"]"#))
+        .await?
+        .click()
+        .await?;
+    let outcome = browser
+        .wait_attr("#flash .msg", "data-maintenance", LIMIT, |s| {
+            matches!(s, "created" | "error")
+        })
+        .await?;
+    let line = browser.text("#flash .msg").await?;
+    assert_eq!(outcome, "created", "flash: {line}");
+    // The page reloads and says until when.
+    let now_text = wait_for("the page to say until when", LIMIT, || async {
+        let t = browser.text("#maintenance-now").await.unwrap_or_default();
+        Ok(t.contains("browser window").then_some(t))
+    })
+    .await?;
+    assert!(now_text.contains("until"), "{now_text}");
+    let m: Option<i64> = db
+        .connect()
+        .await?
+        .query_one(
+            "SELECT maintenance_id FROM service_state WHERE service_id = 'web'",
+            &[],
+        )
+        .await?
+        .get(0);
+    assert!(m.is_some(), "web not in maintenance in the database");
+
+    c.goto(&format!("{base}/")).await?;
+    assert_eq!(hidden(MAINT).await?, Some(false));
+    assert_eq!(
+        hidden(r#"tr[data-service="web"] [data-field="gave_up"]"#).await?,
+        Some(true)
+    );
+    assert_eq!(
+        hidden(r#"tr[data-service="db"] [data-field="maintenance"]"#).await?,
+        Some(true)
+    );
+    browser.close().await?;
+    collector.shutdown().await;
     Ok(())
 }

@@ -17,6 +17,8 @@ mod liveness;
 pub use liveness::*;
 mod web;
 pub use web::*;
+mod maintenance;
+pub use maintenance::*;
 
 mod embedded {
     refinery::embed_migrations!("migrations");
@@ -355,6 +357,19 @@ impl Store {
         tx.execute(
             "UPDATE services SET active = false WHERE NOT (id = ANY($1))",
             &[&ids],
+        )
+        .await?;
+        // `labels:` of every service, in one statement.
+        let labels: Vec<serde_json::Value> = cfg
+            .services
+            .iter()
+            .map(|s| serde_json::to_value(&s.labels).unwrap_or_default())
+            .collect();
+        tx.execute(
+            "UPDATE services s SET labels = l.labels
+             FROM unnest($1::text[], $2::jsonb[]) AS l(id, labels)
+             WHERE s.id = l.id AND s.labels IS DISTINCT FROM l.labels",
+            &[&ids, &labels],
         )
         .await?;
         tx.commit().await?;

@@ -40,6 +40,8 @@ pub struct HealthRow {
     /// Since when the service's node is down, and why (None: up).
     pub node_down_since: Option<DateTime<Utc>>,
     pub node_down_reason: Option<String>,
+    /// The maintenance window the service is in now (None: not in maintenance).
+    pub maintenance: Option<super::ActiveMaintenance>,
 }
 
 impl HealthRow {
@@ -217,10 +219,13 @@ impl Store {
                         st.healthy_since, COALESCE(st.state_since, s.updated_at),
                         COALESCE(st.restarts_used, 0), st.gave_up_at,
                         COALESCE(c.total, 0), COALESCE(c.failed, 0),
-                        st.stale_since, st.stale_reason, n.down_since, n.down_reason
+                        st.stale_since, st.stale_reason, n.down_since, n.down_reason,
+                        CASE WHEN st.maintenance_until > now() THEN st.maintenance_id END,
+                        COALESCE(mw.name, ''), st.maintenance_until
                  FROM services s
                  LEFT JOIN service_state st ON st.service_id = s.id
                  LEFT JOIN nodes n ON n.name = s.node
+                 LEFT JOIN maintenance_windows mw ON mw.id = st.maintenance_id
                  LEFT JOIN LATERAL (
                     SELECT count(*) AS total, count(*) FILTER (WHERE r.status >= 2) AS failed
                     FROM check_results r
@@ -261,6 +266,13 @@ impl Store {
                 stale_reason: r.get(24),
                 node_down_since: r.get(25),
                 node_down_reason: r.get(26),
+                maintenance: r.get::<_, Option<i64>>(27).and_then(|id| {
+                    Some(super::ActiveMaintenance {
+                        id,
+                        name: r.get(28),
+                        until: r.get::<_, Option<DateTime<Utc>>>(29)?,
+                    })
+                }),
             })
             .collect())
     }

@@ -35,6 +35,7 @@ pub fn routes() -> axum::Router<AppState> {
         .route("/api/services/{id}/{action}", post(act))
         .route("/api/commands/{id}", get(command))
         .route("/api/nodes", get(nodes))
+        .merge(super::maintenance::routes())
         .fallback(not_found)
 }
 
@@ -129,9 +130,15 @@ pub struct ServiceHealth {
     pub state_since: DateTime<Utc>,
     /// Automatic restarts used in the current window.
     pub restarts_used: i32,
+    /// When remediation gave up restarting it (the restart budget was spent); null when it has
+    /// not given up.
     pub gave_up_at: Option<DateTime<Utc>>,
     /// Whether the service can be started/stopped/restarted (it has a control block).
     pub controllable: bool,
+    /// The maintenance window the service is in now (no restarts, no alerts); null when none.
+    pub maintenance: Option<crate::store::ActiveMaintenance>,
+    /// `labels:` of the service file.
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 pub fn service_health(cfg: &Config, row: &HealthRow, now: DateTime<Utc>) -> ServiceHealth {
@@ -183,6 +190,8 @@ pub fn service_health(cfg: &Config, row: &HealthRow, now: DateTime<Utc>) -> Serv
         restarts_used: row.restarts_used,
         gave_up_at: row.gave_up_at,
         controllable: svc.is_some_and(|s| s.control.is_some()),
+        maintenance: row.maintenance.clone(),
+        labels: svc.map(|s| s.labels.clone()).unwrap_or_default(),
     }
 }
 
@@ -750,5 +759,5 @@ pub struct ApiDoc;
 
 /// The OpenAPI document (no authentication).
 async fn openapi() -> Json<utoipa::openapi::OpenApi> {
-    Json(ApiDoc::openapi())
+    Json(ApiDoc::openapi().merge_from(super::maintenance::MaintenanceDoc::openapi()))
 }

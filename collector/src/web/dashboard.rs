@@ -16,6 +16,7 @@ use maud::{DOCTYPE, Markup, html};
 use super::api::{ServiceHealth, badge, node_views, service_health};
 use super::auth::{self, Caller, Role};
 use super::{ApiError, AppState};
+use crate::maintenance::{WindowView, describe};
 
 const APP_JS: &str = include_str!("assets/app.js");
 const APP_CSS: &str = include_str!("assets/app.css");
@@ -149,6 +150,99 @@ fn select(name: &str, label: &str, values: &[String]) -> Markup {
     }
 }
 
+/// "NAME until HH:MM:SS UTC" while the service is in maintenance, else empty.
+fn maintenance_text(h: &ServiceHealth) -> String {
+    h.maintenance
+        .as_ref()
+        .map(|m| {
+            format!(
+                "{} until {}",
+                m.name,
+                m.until.format("%Y-%m-%d %H:%M:%S UTC")
+            )
+        })
+        .unwrap_or_default()
+}
+
+/// "gave up at ..." once remediation gave up restarting the service, else empty.
+fn gave_up_text(h: &ServiceHealth) -> String {
+    h.gave_up_at
+        .map(|g| {
+            format!(
+                "gave up restarting at {} ({} restarts used)",
+                g.format("%Y-%m-%d %H:%M:%S UTC"),
+                h.restarts_used
+            )
+        })
+        .unwrap_or_default()
+}
+
+/// The badges shown beside a service's status: in maintenance, and remediation gave up.
+fn flags(h: &ServiceHealth) -> Markup {
+    let m = maintenance_text(h);
+    let g = gave_up_text(h);
+    html! {
+        " " span.badge.maintenance data-field="maintenance" title=(m) hidden[m.is_empty()] { "maintenance" }
+        " " span.badge.gave-up data-field="gave_up" title=(g) hidden[g.is_empty()] { "gave up" }
+    }
+}
+
+/// The service page's maintenance: the window in force or the next one, the windows that cover
+/// the service, and (operators) a form for a one-off window.
+fn maintenance_section(
+    h: &ServiceHealth,
+    windows: &[WindowView],
+    user: &Caller,
+    now: DateTime<Utc>,
+) -> Markup {
+    let next = windows
+        .iter()
+        .filter_map(|w| Some((w.next_start?, w.next_end?, w)))
+        .min_by_key(|(s, _, _)| *s);
+    html! {
+        h2 { "Maintenance" }
+        p #maintenance-now {
+            @if let Some(m) = &h.maintenance {
+                span.badge.maintenance { "maintenance" } " "
+                strong { (m.name) } " (window " (m.id) ") until " (m.until.format("%Y-%m-%d %H:%M:%S UTC"))
+                " — no restarts, no alerts"
+            } @else if let Some((s, e, w)) = next {
+                "Not in maintenance. Next: " strong { (w.spec.name) } " from "
+                (s.format("%Y-%m-%d %H:%M UTC")) " to " (e.format("%Y-%m-%d %H:%M UTC"))
+                " (in " (human((s - now).num_seconds().max(0))) ")"
+            } @else {
+                "Not in maintenance; no window ahead."
+            }
+        }
+        @if !windows.is_empty() {
+            table.maintenance {
+                thead { tr { th { "#" } th { "Name" } th { "Schedule" } th { "State" } th { "By" } th {} } }
+                tbody { @for w in windows { tr data-window=(w.id) {
+                    td { (w.id) } td { (w.spec.name) @if !w.spec.comment.is_empty() { div.muted { (w.spec.comment) } } }
+                    td { (describe(&w.spec)) }
+                    td { @if let Some(u) = w.active_until { "active until " (u.format("%m-%d %H:%M:%S")) }
+                         @else if let Some(n) = w.next_start { "next " (n.format("%m-%d %H:%M")) }
+                         @else { "over" } }
+                    td { (w.created_by) }
+                    td { @if user.role >= Role::Operator {
+                        button.link-bad data-maintenance-delete=(w.id) data-name=(w.spec.name) { "Delete" } } }
+                } } }
+            }
+        }
+        @if user.role >= Role::Operator {
+            form #maintenance-form .maintenance data-service=(h.id) {
+                strong { "New one-off window for this service" }
+                label { "Name " input name="name" required maxlength="100" placeholder="e.g. database upgrade"; }
+                label { "From (UTC) " input name="from" type="datetime-local" step="60"; }
+                span.muted { "empty: now" }
+                label { "Lasts " input name="duration" required value="1h" size="6" placeholder="90m, 2h"; }
+                label { "Comment " input name="comment" maxlength="1000"; }
+                button type="submit" { "Create" }
+            }
+        }
+    }
+}
+
 async fn services_page(
     State(state): State<AppState>,
     User(user): User,
@@ -216,7 +310,7 @@ async fn services_page(
                             td { (h.node) }
                             td.mono { (h.target) }
                             td { (h.category) }
-                            td { span.badge.(h.status) data-field="status" title=(h.reason.as_deref().unwrap_or("")) { (h.status) } }
+                            td { span.badge.(h.status) data-field="status" title=(h.reason.as_deref().unwrap_or("")) { (h.status) } (flags(h)) }
                             td data-field="uptime" { (h.uptime_seconds.map(human).unwrap_or_else(|| "–".into())) }
                             td data-field="failure_rate" { (failure_rate(h)) }
                             td data-field="response" { (h.last_response_ms.map(|m| format!("{m} ms")).unwrap_or_else(|| "–".into())) }
@@ -252,6 +346,7 @@ async fn events(
                     let cfg = state.hub.config().await;
                     for r in &rows {
                         let h = service_health(&cfg, r, now);
+                        let (maintenance, gave_up) = (maintenance_text(&h), gave_up_text(&h));
                         let v = serde_json::json!({
                             "id": h.id, "status": badge(r),
                             "uptime": h.uptime_seconds.map(human).unwrap_or_else(|| "–".into()),
@@ -259,6 +354,8 @@ async fn events(
                             "last_check": ago(h.last_check_at, now),
                             "last_error": h.reason.or(h.last_error).unwrap_or_default(),
                             "mode": h.mode,
+                            "maintenance": maintenance,
+                            "gave_up": gave_up,
                         });
                         let text = v.to_string();
                         if last.get(&h.id) != Some(&text) {
@@ -378,6 +475,11 @@ async fn service_page(
     let events = store.events_of(&id, None, 50).await?;
     let commands = store.commands_of(&id, 20).await?;
     let daily = store.daily_of(&id, 14).await?;
+    let windows: Vec<WindowView> =
+        crate::maintenance::views(&store.maintenance_windows().await?, &cfg, now)
+            .into_iter()
+            .filter(|w| w.covers.contains(&h.id))
+            .collect();
     Ok(layout(&h.name, Some(&user), html! {
         div.title data-service=(h.id) data-status=(h.status) {
             h1 { (h.name) " " span.badge.(h.status) data-field="status" { (h.status) } }
@@ -396,7 +498,9 @@ async fn service_page(
             dt { "Response" } dd data-field="response" { (h.last_response_ms.map(|m| format!("{m} ms")).unwrap_or_else(|| "–".into())) }
             dt { "Restarts used" } dd { (h.restarts_used) @if let Some(g) = h.gave_up_at { " (gave up at " (g.format("%H:%M:%S")) ")" } }
             dt { "Last failure" } dd.error data-field="last_error" { (h.last_error.as_deref().unwrap_or("–")) }
+            dt { "Labels" } dd.labels { @if h.labels.is_empty() { "–" } @for (k, v) in &h.labels { span.label { (k) "=" (v) } " " } }
         }
+        (maintenance_section(&h, &windows, &user, now))
         h2 { "Last 24 hours" }
         (timeline(&segments, from, now))
         h2 { "Response time (last " (points.len()) " checks)" }

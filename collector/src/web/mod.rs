@@ -5,6 +5,7 @@
 pub mod api;
 pub mod auth;
 pub mod dashboard;
+pub mod maintenance;
 pub mod settings;
 
 use std::sync::Arc;

@@ -73,6 +73,68 @@ async function act(button) {
   }
 }
 
+async function apiJson(method, path, body) {
+  const r = await fetch(path, {
+    method,
+    credentials: "same-origin",
+    headers: { "X-CSRF-Token": csrf(), "Accept": "application/json", "Content-Type": "application/json" },
+    body: body === undefined ? undefined : JSON.stringify(body),
+  });
+  let out = null;
+  try { out = await r.json(); } catch (_) { /* not JSON */ }
+  if (!r.ok) {
+    const field = out && out.field ? " [" + out.field + "]" : "";
+    throw new Error(((out && out.message) || (r.status + " " + r.statusText)) + field);
+  }
+  return out;
+}
+
+// Maintenance: a one-off window for the service of the page, and deleting windows.
+function maintenance() {
+  const form = document.getElementById("maintenance-form");
+  if (form) {
+    form.addEventListener("submit", async (e) => {
+      e.preventDefault();
+      const f = new FormData(form);
+      const body = {
+        name: f.get("name"),
+        duration: f.get("duration"),
+        comment: f.get("comment") || "",
+        services: [form.dataset.service],
+      };
+      if (f.get("from")) body.from = f.get("from") + ":00Z";
+      const line = flash("maintenance " + body.name + ": creating…", "pending");
+      try {
+        const w = await apiJson("POST", "/api/maintenance", body);
+        line.textContent = "maintenance window " + w.id + " created";
+        line.className = "msg ok";
+        line.dataset.maintenance = "created";
+        setTimeout(() => window.location.reload(), 500);
+      } catch (err) {
+        line.textContent = "maintenance: " + err.message;
+        line.className = "msg bad";
+        line.dataset.maintenance = "error";
+      }
+    });
+  }
+  document.querySelectorAll("button[data-maintenance-delete]").forEach((b) => {
+    b.addEventListener("click", async (e) => {
+      e.preventDefault();
+      if (!window.confirm("Delete maintenance window " + b.dataset.name + "?")) return;
+      const line = flash("deleting maintenance window " + b.dataset.maintenanceDelete + "…", "pending");
+      try {
+        await apiJson("DELETE", "/api/maintenance/" + b.dataset.maintenanceDelete);
+        line.textContent = "maintenance window " + b.dataset.maintenanceDelete + " deleted";
+        line.className = "msg ok";
+        setTimeout(() => window.location.reload(), 500);
+      } catch (err) {
+        line.textContent = "maintenance: " + err.message;
+        line.className = "msg bad";
+      }
+    });
+  });
+}
+
 function applyFilters() {
   const sel = {};
   document.querySelectorAll("[data-filter]").forEach((f) => { sel[f.dataset.filter] = f.value.trim().toLowerCase(); });
@@ -108,6 +170,9 @@ function live() {
       set("response", d.response);
       set("last_check", d.last_check);
       set("last_error", d.last_error);
+      [["maintenance", d.maintenance], ["gave_up", d.gave_up]].forEach(([field, text]) => {
+        row.querySelectorAll('[data-field="' + field + '"]').forEach((c) => { c.hidden = !text; c.title = text || ""; });
+      });
       row.querySelectorAll('button[data-action="start"],button[data-action="stop"]').forEach((b) => {
         const want = d.mode === "stopped" ? "start" : "stop";
         if (b.dataset.action !== want) { b.dataset.action = want; b.textContent = want === "start" ? "Start" : "Stop"; }
@@ -127,4 +192,5 @@ document.addEventListener("DOMContentLoaded", () => {
   document.querySelectorAll("[data-filter]").forEach((f) => f.addEventListener("input", applyFilters));
   applyFilters();
   live();
+  maintenance();
 });
