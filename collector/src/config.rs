@@ -421,6 +421,8 @@ pub struct ServiceFile {
     /// What a stale service raises: `alert` (default) or `ignore`.
     #[serde(default)]
     pub on_stale: OnStale,
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 /// `on_stale:` in a service file.
@@ -507,6 +509,8 @@ pub struct Service {
     pub source: PathBuf,
     /// Which of the values that runtime settings can replace the service file set itself.
     pub explicit: Explicit,
+    /// `labels:` of the service file (alert routes match on them).
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 impl Service {
@@ -648,6 +652,9 @@ impl Config {
             return Err(invalid(path, "backlog_alert", "must be at least 1s"));
         }
         let mut file = file;
+        file.notify
+            .validate(&resolve)
+            .map_err(|e| invalid(path, e.key, e.reason))?;
         for (i, n) in file.nodes.iter_mut().enumerate() {
             if n.node_timeout.is_some_and(|t| t < Duration::from_secs(1)) {
                 return Err(invalid(
@@ -931,6 +938,7 @@ impl Config {
             command_deadline: d.command_deadline,
             stale_after_explicit: sf.stale_after,
             on_stale: sf.on_stale,
+            labels: sf.labels,
             source: f.to_path_buf(),
             explicit: Explicit {
                 interval: false,
