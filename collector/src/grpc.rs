@@ -645,9 +645,7 @@ pub async fn after_ingest(hub: &Hub, node: &str, report: &crate::store::IngestRe
                 "stopped flapping ({:.0}% state change over the last 21 results); now {now}",
                 f.percent
             );
-            hub.alerts
-                .service_event(&cfg, svc, "flapping_ended", &reason)
-                .await;
+            hub.alerts.flapping_ended(&cfg, svc, &now, &reason).await;
         }
     }
     for (service, t) in &report.transitions {

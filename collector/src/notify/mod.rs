@@ -208,8 +208,8 @@ pub fn backoff(attempts: i32, max: Duration) -> Duration {
 const LEASE: Duration = Duration::from_secs(90);
 /// Rows claimed at once (at most one per incident and receiver, sent concurrently).
 const CLAIM: i64 = 32;
-/// A dependent that is still down this long after its dependency changed state gets its own
-/// alert.
+/// A down service without an incident gets one only when this long has passed since its
+/// dependency, mode or flapping changed, or a start or restart ran (its next results tell).
 const DEPENDENCY_SETTLE: Duration = Duration::from_secs(30);
 
 /// The alerting side of the hub: writes incidents and alerts to the database and delivers them.
@@ -322,10 +322,6 @@ impl Alerts {
             if let Some(id) = closed {
                 tracing::info!(service = %svc.id, event, incident = id, "incident closed");
             }
-            if event == "flapping_ended" {
-                // Now that it is steady: down opens a normal incident, healthy closes one.
-                self.catch_up(cfg).await;
-            }
             return Ok(closed.is_some());
         }
         if event == "gave_up" {
@@ -334,6 +330,24 @@ impl Alerts {
         }
         tracing::error!(service = %svc.id, event, "unknown alert event");
         Ok(false)
+    }
+
+    /// The service stopped flapping: its flapping incident closes (`flapping_ended`, saying the
+    /// state now); then, steady again, a down service opens a normal incident and a healthy one
+    /// closes the incident left open from before it flapped.
+    pub async fn flapping_ended(&self, cfg: &Config, svc: &Service, state: &str, reason: &str) {
+        self.service_event(cfg, svc, "flapping_ended", reason).await;
+        match state {
+            "down" => {
+                self.service_event(cfg, svc, "down", "down when it stopped flapping")
+                    .await
+            }
+            "healthy" => {
+                self.service_event(cfg, svc, "recovered", "healthy when it stopped flapping")
+                    .await
+            }
+            _ => {}
+        }
     }
 
     /// A node event: `node_down`, `node_up`, `backlog`, `backlog_cleared`.
@@ -398,7 +412,7 @@ impl Alerts {
             Ok(_) => {}
             Err(e) => tracing::error!(error = %e, "alerts: cannot close silenced incidents"),
         }
-        let (down, healed) = match self.store.alert_catch_up().await {
+        let (down, healed) = match self.store.alert_catch_up(DEPENDENCY_SETTLE).await {
             Ok(x) => x,
             Err(e) => {
                 tracing::error!(error = %e, "alerts: cannot read what to catch up on");

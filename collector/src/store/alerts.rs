@@ -441,7 +441,13 @@ impl Store {
     /// open service incident (their alert was suppressed while flapping, paused or behind a
     /// dependency, and that reason is gone), and open service incidents whose service is
     /// healthy and not flapping (its recovery came while an alert could not be sent).
-    pub async fn alert_catch_up(&self) -> Result<(Vec<String>, Vec<String>), StoreError> {
+    /// A down service is left alone while its mode or flapping changed, or a start or restart
+    /// was in flight or finished, within `settle` (its next results will tell).
+    pub async fn alert_catch_up(
+        &self,
+        settle: Duration,
+    ) -> Result<(Vec<String>, Vec<String>), StoreError> {
+        let settle_ms = settle.as_millis().min(i64::MAX as u128) as i64;
         let client = self.pool.get().await?;
         let down = client
             .query(
@@ -451,8 +457,15 @@ impl Store {
                    AND NOT COALESCE(st.maintenance_until > now(), false)
                    AND NOT EXISTS (SELECT 1 FROM incidents i WHERE i.resolved_at IS NULL
                                    AND i.service_id = st.service_id AND i.family = 'service')
+                   AND NOT EXISTS (SELECT 1 FROM events e WHERE e.service_id = st.service_id
+                                   AND e.kind IN ('mode', 'flapping')
+                                   AND e.at > now() - make_interval(secs => $1::bigint / 1000.0))
+                   AND NOT EXISTS (SELECT 1 FROM commands c WHERE c.service_id = st.service_id
+                                   AND c.action IN ('start', 'restart')
+                                   AND (c.status IN ('pending', 'sent')
+                                        OR c.finished_at > now() - make_interval(secs => $1::bigint / 1000.0)))
                  ORDER BY st.service_id",
-                &[],
+                &[&settle_ms],
             )
             .await?
             .iter()
