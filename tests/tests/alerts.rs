@@ -526,6 +526,24 @@ async fn reminders_survive_a_restart_and_a_pause_silences_the_incident() -> anyh
         .send()
         .await?;
     assert_eq!(r.status(), 404);
+    let id = hook.named("silenced")[0]["incident_id"].as_i64().unwrap();
+    let (viewer, _) = create_token(store, "viewer", Role::Viewer).await?;
+    let r = http
+        .post(format!("{base}/api/incidents/{id}/ack"))
+        .bearer_auth(&viewer)
+        .send()
+        .await?;
+    assert_eq!(r.status(), 403, "a viewer cannot acknowledge");
+    let acked: Value = http
+        .post(format!("{base}/api/incidents/{id}/ack"))
+        .bearer_auth(&token)
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    assert_eq!(acked["acknowledged_by"], "api:op");
+    assert_eq!(acked["resolution"], "silenced by operator");
     collector.shutdown().await;
     Ok(())
 }
