@@ -46,6 +46,8 @@ for pair in "${needed[@]}"; do
     command -v "${pair%%:*}" >/dev/null 2>&1 || missing+=("${pair#*:}")
 done
 bash deploy/pg.sh bin >/dev/null 2>&1 || missing+=(postgresql)
+# The SMTP server of the email alert test (tests/tests/alerts.rs), run by Debian's Python.
+/usr/bin/python3 -c "import aiosmtpd" >/dev/null 2>&1 || missing+=(python3-aiosmtpd)
 if [ ${#missing[@]} -gt 0 ]; then
     [ "$(id -u)" -eq 0 ] || die "missing packages (${missing[*]}): run this as root, or install them"
     log "installing: ${missing[*]}"

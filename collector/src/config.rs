@@ -509,6 +509,7 @@ pub struct Service {
     pub source: PathBuf,
     /// Which of the values that runtime settings can replace the service file set itself.
     pub explicit: Explicit,
+    /// `labels:` of the service file (alert routes match on them).
     pub labels: std::collections::BTreeMap<String, String>,
 }
 
@@ -717,6 +718,9 @@ impl Config {
             return Err(invalid(path, "backlog_alert", "must be at least 1s"));
         }
         let mut file = file;
+        file.notify
+            .validate(&resolve)
+            .map_err(|e| invalid(path, e.key, e.reason))?;
         for (i, n) in file.nodes.iter_mut().enumerate() {
             if n.node_timeout.is_some_and(|t| t < Duration::from_secs(1)) {
                 return Err(invalid(

@@ -49,7 +49,8 @@ pub struct Hub {
     sessions: std::sync::Mutex<HashMap<String, Session>>,
     next_id: AtomicU64,
     pub shutdown: CancellationToken,
-    pub notifier: crate::notify::Notifier,
+    /// Incidents and the alert outbox (writes to the database; a worker delivers).
+    pub alerts: Arc<crate::notify::Alerts>,
     /// SSH sessions to nodes (agentless checks, control over SSH).
     pub ssh: crate::ssh::SshPool,
     /// Prometheus metrics.
@@ -112,10 +113,10 @@ pub fn config_update(cfg: &Config, node: &str) -> v1::ConfigUpdate {
 
 impl Hub {
     pub fn new(store: Store, config: Config) -> Arc<Hub> {
-        let notifier = crate::notify::Notifier::start(&config.notify);
+        let alerts = Arc::new(crate::notify::Alerts::new(store.clone(), &config.notify));
         Arc::new_cyclic(|me| Hub {
             me: me.clone(),
-            notifier,
+            alerts,
             ssh: crate::ssh::SshPool::new(),
             metrics: crate::metrics::Metrics::new(),
             store,
@@ -138,6 +139,7 @@ impl Hub {
     pub async fn apply(&self, cfg: Config) -> Result<(), crate::store::StoreError> {
         self.store.sync_config(&cfg).await?;
         let cfg = Arc::new(cfg);
+        self.alerts.configure(&cfg.notify);
         *self.config.write().await = cfg.clone();
         let sessions: Vec<(String, Tx)> = self
             .sessions
@@ -615,17 +617,45 @@ async fn ingest(hub: &Hub, node: &str, batch: v1::ResultBatch, tx: &Tx) -> Resul
     Ok(())
 }
 
-/// What follows committed results: log and notify transitions, then let remediation act on the
-/// services that are down (or just changed).
+/// What follows committed results: log transitions and turn them into incidents and alerts
+/// (the quiet rules — flapping, paused or stopped, maintenance, a dependency down — are decided
+/// by the store from the database), then let remediation act on the services that are down.
 pub async fn after_ingest(hub: &Hub, node: &str, report: &crate::store::IngestReport) {
     use crate::state::State;
     let cfg = hub.config().await;
     hub.metrics.ingested(&cfg, report);
-    let after = |id: &str| report.states.iter().find(|s| s.service_id == id);
     for service in &report.fresh_again {
         tracing::info!(%node, %service, "stale service has a result again");
         if let Some(svc) = cfg.service(service) {
-            hub.notifier.fresh(svc, "a result arrived again");
+            hub.alerts
+                .service_event(&cfg, svc, "fresh", "a result arrived again")
+                .await;
+        }
+    }
+    // Flapping first: while it flaps, its down and recovered alerts are held back.
+    for (service, f) in &report.flaps {
+        let Some(svc) = cfg.service(service) else {
+            continue;
+        };
+        if f.flapping {
+            let reason = format!(
+                "{:.0}% state change over the last 21 results; not restarted while flapping",
+                f.percent
+            );
+            hub.alerts
+                .service_event(&cfg, svc, "flapping", &reason)
+                .await;
+        } else {
+            let now = report
+                .states
+                .iter()
+                .find(|s| &s.service_id == service)
+                .map_or("unknown".to_string(), |s| s.state.to_string());
+            let reason = format!(
+                "stopped flapping ({:.0}% state change over the last 21 results); now {now}",
+                f.percent
+            );
+            hub.alerts.flapping_ended(&cfg, svc, &now, &reason).await;
         }
     }
     for (service, t) in &report.transitions {
@@ -633,41 +663,14 @@ pub async fn after_ingest(hub: &Hub, node: &str, report: &crate::store::IngestRe
         let Some(svc) = cfg.service(service) else {
             continue;
         };
-        // Stopped on purpose or paused: no alert.
-        if after(service).is_some_and(|s| s.mode != "active") {
-            continue;
-        }
         match t.to {
-            State::Down => {
-                let down_deps: Vec<&str> = svc
-                    .depends_on
-                    .iter()
-                    .filter(|d| after(d).is_some_and(|s| s.state == State::Down))
-                    .map(String::as_str)
-                    .collect();
-                let reason = if down_deps.is_empty() {
-                    t.reason.clone()
-                } else {
-                    format!("{} (dependency down: {})", t.reason, down_deps.join(", "))
-                };
-                hub.notifier.down(svc, &reason);
+            State::Down => hub.alerts.service_event(&cfg, svc, "down", &t.reason).await,
+            State::Healthy if t.from == State::Down => {
+                hub.alerts
+                    .service_event(&cfg, svc, "recovered", &t.reason)
+                    .await
             }
-            State::Healthy if t.from == State::Down => hub.notifier.recovered(svc, &t.reason),
             _ => {}
-        }
-    }
-    for (service, f) in &report.flaps {
-        if f.flapping
-            && after(service).is_some_and(|s| s.mode == "active")
-            && let Some(svc) = cfg.service(service)
-        {
-            hub.notifier.flapping(
-                svc,
-                &format!(
-                    "{:.0}% state change over the last 21 results; not restarted while flapping",
-                    f.percent
-                ),
-            );
         }
     }
     let ids: Vec<String> = report

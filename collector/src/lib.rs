@@ -115,6 +115,8 @@ impl Collector {
                         liveness::pass(&ticker_hub).await;
                         maintenance::pass(&ticker_hub).await;
                         remediation::tick(&ticker_hub).await;
+                        let cfg = ticker_hub.config().await;
+                        ticker_hub.alerts.tick(&cfg).await;
                     }
                 }
             }
@@ -135,6 +137,8 @@ impl Collector {
             }
         });
         agentless::start(hub.clone());
+        // Alerts: the outbox's rows (left by a previous run too) are delivered from now on.
+        hub.alerts.start_worker(hub.shutdown.clone());
         tracing::info!(addr = %grpc_addr, "collector listening for agents (mTLS)");
         let cfg = hub.config().await;
         let http_addr = match cfg.http.listen {

@@ -36,10 +36,21 @@ pub async fn pass(hub: &Hub) {
                 hub.metrics.set_node_up(&n.node, true);
                 let reason = format!("its agent is heard from again after {was} s down");
                 // A node_down alert still waiting for its heal goes first; this one follows it.
-                let mut pending = hub.pending_down.lock().expect("pending_down lock");
-                match pending.get_mut(&n.node) {
-                    Some(up) => *up = Some(reason),
-                    None => hub.notifier.node(&n.node, "node_up", &reason),
+                let send_now = {
+                    let mut pending = hub.pending_down.lock().expect("pending_down lock");
+                    match pending.get_mut(&n.node) {
+                        Some(up) => {
+                            *up = Some(reason.clone());
+                            false
+                        }
+                        None => true,
+                    }
+                };
+                if send_now {
+                    let cfg = hub.config().await;
+                    hub.alerts
+                        .node_event(&cfg, &n.node, "node_up", &reason)
+                        .await;
                 }
             }
         }
@@ -70,7 +81,9 @@ pub async fn pass(hub: &Hub) {
                             false,
                         );
                         if s.alert {
-                            hub.notifier.stale(svc, &s.reason);
+                            hub.alerts
+                                .service_event(&cfg, svc, "stale", &s.reason)
+                                .await;
                         }
                     }
                 }
@@ -83,10 +96,14 @@ pub async fn pass(hub: &Hub) {
             for b in changes {
                 if b.opened {
                     tracing::warn!(node = %b.node, reason = %b.reason, "agent backlog too old: results are not reaching the collector");
-                    hub.notifier.node(&b.node, "backlog", &b.reason);
+                    hub.alerts
+                        .node_event(&cfg, &b.node, "backlog", &b.reason)
+                        .await;
                 } else {
                     tracing::info!(node = %b.node, reason = %b.reason, "agent backlog cleared");
-                    hub.notifier.node(&b.node, "backlog_cleared", &b.reason);
+                    hub.alerts
+                        .node_event(&cfg, &b.node, "backlog_cleared", &b.reason)
+                        .await;
                 }
             }
         }
@@ -159,8 +176,15 @@ async fn node_down(hub: &Hub, n: NodeChange) {
                     .to_string(),
             },
         };
-        hub.notifier
-            .node(&n.node, "node_down", &format!("{}{outcome}", n.reason));
+        let cfg = hub.config().await;
+        hub.alerts
+            .node_event(
+                &cfg,
+                &n.node,
+                "node_down",
+                &format!("{}{outcome}", n.reason),
+            )
+            .await;
         let up = hub
             .pending_down
             .lock()
@@ -168,7 +192,9 @@ async fn node_down(hub: &Hub, n: NodeChange) {
             .remove(&n.node)
             .flatten();
         if let Some(reason) = up {
-            hub.notifier.node(&n.node, "node_up", &reason);
+            hub.alerts
+                .node_event(&cfg, &n.node, "node_up", &reason)
+                .await;
         }
     });
 }

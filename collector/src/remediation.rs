@@ -149,8 +149,11 @@ pub async fn evaluate(hub: &Hub, ids: &[String]) {
             }
             Decision::GiveUp { reason } => {
                 tracing::warn!(service = %id, %reason, "gave up restarting");
-                hub.notifier.gave_up(svc, &reason);
-                hub.store.give_up(id, &reason).await
+                let given_up = hub.store.give_up(id, &reason).await;
+                hub.alerts
+                    .service_event(&cfg, svc, "gave_up", &reason)
+                    .await;
+                given_up
             }
             Decision::Restart { reason } => auto_restart(hub, svc, &reason).await,
         };

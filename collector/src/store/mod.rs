@@ -19,6 +19,8 @@ mod web;
 pub use web::*;
 mod maintenance;
 pub use maintenance::*;
+mod alerts;
+pub use alerts::*;
 
 mod embedded {
     refinery::embed_migrations!("migrations");
@@ -197,6 +199,11 @@ async fn set_mode_in(
             &[&service_id, &old.unwrap_or_default(), &mode, &reason],
         )
         .await?;
+    }
+    // Stopped or paused: its open incidents close as silenced by the operator, in this
+    // transaction.
+    if mode != "active" {
+        alerts::silence_in(tx, service_id, reason).await?;
     }
     Ok(())
 }

@@ -19,7 +19,10 @@ use super::auth::{Caller, Role};
 use super::settings::{HealthConfigBody, HealthConfigView};
 use super::{ApiError, AppState, ErrorBody};
 use crate::config::{Config, Service};
-use crate::store::{CommandRow, DailyRow, EventRow, HealthRow, NodeEventRow, NodeRow, ResultRow};
+use crate::store::{
+    AlertRow, AttemptRow, CommandRow, DailyRow, EventRow, HealthRow, IncidentRow, NodeEventRow,
+    NodeRow, ResultRow,
+};
 
 pub fn routes() -> axum::Router<AppState> {
     axum::Router::new()
@@ -36,6 +39,9 @@ pub fn routes() -> axum::Router<AppState> {
         .route("/api/commands/{id}", get(command))
         .route("/api/nodes", get(nodes))
         .merge(super::maintenance::routes())
+        .route("/api/incidents", get(incidents))
+        .route("/api/incidents/{id}", get(incident))
+        .route("/api/incidents/{id}/ack", post(ack_incident))
         .fallback(not_found)
 }
 
@@ -728,6 +734,87 @@ async fn nodes(
     Ok(Json(node_views(&state).await?))
 }
 
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct IncidentsQuery {
+    /// true: open incidents only; false: closed ones only; absent: both.
+    pub open: Option<bool>,
+    /// Only this service's incidents.
+    pub service: Option<String>,
+    /// At most this many, newest first (default 100, at most 1000).
+    pub limit: Option<i64>,
+}
+
+/// An incident with its alerts (one per receiver) and every delivery attempt.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct IncidentDetail {
+    pub incident: IncidentRow,
+    pub alerts: Vec<AlertRow>,
+}
+
+#[utoipa::path(get, path = "/api/incidents", params(IncidentsQuery),
+    responses((status = 200, body = [IncidentRow]), (status = 400, body = ErrorBody)),
+    security(("bearer" = [])), tag = "alerts")]
+/// Incidents (viewer), newest first: what was alerted, whether it is open, acknowledged, and how
+/// many of its alerts are still undelivered or were given up.
+async fn incidents(
+    State(state): State<AppState>,
+    caller: Caller,
+    q: Result<Query<IncidentsQuery>, QueryRejection>,
+) -> Result<Json<Vec<IncidentRow>>, ApiError> {
+    caller.require(Role::Viewer)?;
+    let q = query(q)?;
+    let limit = page_limit(q.limit, 100)?;
+    Ok(Json(
+        state
+            .hub
+            .store
+            .incidents(q.open, q.service.as_deref(), limit)
+            .await?,
+    ))
+}
+
+#[utoipa::path(get, path = "/api/incidents/{id}", params(("id" = i64, Path)),
+    responses((status = 200, body = IncidentDetail), (status = 404, body = ErrorBody)),
+    security(("bearer" = [])), tag = "alerts")]
+/// One incident (viewer) with its alerts and each delivery attempt (time, ok, HTTP status or
+/// error). Delivery is at least once: receivers de-duplicate on the alert's `uid`.
+async fn incident(
+    State(state): State<AppState>,
+    caller: Caller,
+    id: Result<Path<i64>, PathRejection>,
+) -> Result<Json<IncidentDetail>, ApiError> {
+    caller.require(Role::Viewer)?;
+    let id = path(id)?;
+    let (incident, alerts) = state
+        .hub
+        .store
+        .incident(id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("no incident {id}")))?;
+    Ok(Json(IncidentDetail { incident, alerts }))
+}
+
+#[utoipa::path(post, path = "/api/incidents/{id}/ack", params(("id" = i64, Path)),
+    responses((status = 200, body = IncidentRow), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)),
+    security(("bearer" = [])), tag = "alerts")]
+/// Acknowledges an incident (operator): no more reminders for it.
+async fn ack_incident(
+    State(state): State<AppState>,
+    caller: Caller,
+    id: Result<Path<i64>, PathRejection>,
+) -> Result<Json<IncidentRow>, ApiError> {
+    caller.require(Role::Operator)?;
+    let id = path(id)?;
+    let row = state
+        .hub
+        .store
+        .ack_incident(id, &caller.who())
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("no incident {id}")))?;
+    Ok(Json(row))
+}
+
 struct SecurityAddon;
 
 impl utoipa::Modify for SecurityAddon {
@@ -749,10 +836,11 @@ impl utoipa::Modify for SecurityAddon {
         Authenticate with `Authorization: Bearer TOKEN` (vigil-collector token create). Roles: \
         viewer reads; operator also acts on services; admin also changes the health-check config."),
     paths(list_health, one_health, force_check, get_config, put_config, act, command, results,
-          events, service_commands, daily, nodes),
+          events, service_commands, daily, nodes, incidents, incident, ack_incident),
     components(schemas(ErrorBody, ServiceHealth, CommandRow, CheckNow, ForceCheck, HealthConfigBody,
                        HealthConfigView, CommandCreated, ResultsPage, EventsPage, ResultRow, EventRow,
-                       DailyRow, NodeRow, NodeView, NodeEventRow)),
+                       DailyRow, NodeRow, NodeView, NodeEventRow, IncidentRow, IncidentDetail,
+                       AlertRow, AttemptRow)),
     modifiers(&SecurityAddon)
 )]
 pub struct ApiDoc;

@@ -480,6 +480,7 @@ async fn service_page(
             .into_iter()
             .filter(|w| w.covers.contains(&h.id))
             .collect();
+    let incidents = store.incidents(None, Some(&id), 10).await?;
     Ok(layout(&h.name, Some(&user), html! {
         div.title data-service=(h.id) data-status=(h.status) {
             h1 { (h.name) " " span.badge.(h.status) data-field="status" { (h.status) } }
@@ -517,6 +518,7 @@ async fn service_page(
                 td { @if !c.output.is_empty() { details { summary { (c.output.lines().last().unwrap_or("")) } pre { (c.output) } } } }
             } } }
         }
+        (incidents_table(&incidents))
         h2 { "Events" }
         table { thead { tr { th { "At" } th { "Kind" } th { "Change" } th { "Reason" } } }
             tbody { @for e in &events { tr {
@@ -685,4 +687,26 @@ async fn logout(
         ],
     )
         .into_response()
+}
+
+/// A service's recent incidents and the delivery state of their alerts.
+fn incidents_table(incidents: &[crate::store::IncidentRow]) -> Markup {
+    html! {
+        h2 { "Incidents" }
+        table.incidents { thead { tr { th { "#" } th { "Kind" } th { "Opened" } th { "Reason" } th { "Closed" } th { "Alerts" } } }
+            tbody { @for i in incidents { tr data-incident=(i.id) {
+                td { (i.id) }
+                td { span.badge.(i.severity) { (i.family) } }
+                td { (i.opened_at.format("%m-%d %H:%M:%S")) }
+                td { (i.reason) @if !i.affected.is_empty() { " (affected: " (i.affected.join(", ")) ")" } }
+                td { @match (&i.resolved_at, &i.resolution) {
+                    (Some(at), Some(r)) => { (at.format("%m-%d %H:%M:%S")) " — " (r) },
+                    _ => { @if let Some(by) = &i.acknowledged_by { "open, acknowledged by " (by) } @else { "open" } },
+                } }
+                td { @if i.alerts_failed > 0 { span.error { (i.alerts_failed) " given up" } " " }
+                     @if i.alerts_pending > 0 { (i.alerts_pending) " pending" }
+                     @else if i.alerts_failed == 0 { "delivered" } }
+            } } }
+        }
+    }
 }

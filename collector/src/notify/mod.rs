@@ -1,0 +1,625 @@
+//! Alerts you can trust: every alert belongs to an incident stored in PostgreSQL and is written
+//! to the alert outbox (one row per receiver) in the transaction that opens or closes the
+//! incident, before anything is sent; a delivery worker sends the rows at least once, with
+//! backoff, in order per incident and receiver, and records every attempt. The quiet rules
+//! (stopped, paused, maintenance, flapping, a dependency down) are read from the database.
+//! Receivers: JSON webhook, Slack webhook, email over SMTP, PagerDuty Events API v2
+//! ([`receivers`]); routes choose them per alert ([`route`]).
+
+pub mod receivers;
+pub mod route;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use serde::{Deserialize, Serialize};
+
+use crate::config::{Config, Service};
+use crate::store::{Attempt, NewIncident, Opened, Store, incident_key};
+pub use receivers::{Delivery, Outgoing, Receiver, ReceiverConfig, Receivers};
+pub use route::{Route, RouteMatch};
+
+/// `notify:` in collector.yaml.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct NotifyConfig {
+    /// Plain webhooks (the older form): each becomes a receiver named `webhook-<n>` (from 1).
+    #[serde(default)]
+    pub webhooks: Vec<Webhook>,
+    /// Named receivers (webhook, slack, email, pagerduty).
+    #[serde(default)]
+    pub receivers: Vec<ReceiverConfig>,
+    /// Which receivers get which alert; none: every receiver gets everything.
+    #[serde(default)]
+    pub routes: Vec<Route>,
+    /// Repeat the alert of an open, unacknowledged incident this often (default: never).
+    #[serde(default, with = "humantime_serde")]
+    pub reminder: Option<Duration>,
+    /// An alert not delivered after this long is given up (default 24 h).
+    #[serde(default = "default_give_up_after", with = "humantime_serde")]
+    pub give_up_after: Duration,
+    /// The longest wait between two delivery attempts (from 1 s, doubling; default 5 min).
+    #[serde(default = "default_max_backoff", with = "humantime_serde")]
+    pub max_backoff: Duration,
+}
+
+fn default_give_up_after() -> Duration {
+    Duration::from_secs(24 * 3600)
+}
+fn default_max_backoff() -> Duration {
+    Duration::from_secs(300)
+}
+
+impl Default for NotifyConfig {
+    fn default() -> Self {
+        NotifyConfig {
+            webhooks: Vec::new(),
+            receivers: Vec::new(),
+            routes: Vec::new(),
+            reminder: None,
+            give_up_after: default_give_up_after(),
+            max_backoff: default_max_backoff(),
+        }
+    }
+}
+
+/// One entry of the older `notify.webhooks:` list.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Webhook {
+    pub url: String,
+    /// `json` (the alert as a JSON object) or `slack` (`{"text": ...}`).
+    #[serde(default)]
+    pub format: WebhookFormat,
+    /// Extra headers (e.g. an Authorization header).
+    #[serde(default)]
+    pub headers: HashMap<String, String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WebhookFormat {
+    #[default]
+    Json,
+    Slack,
+}
+
+/// A problem in `notify:` (the config module adds the file name).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NotifyInvalid {
+    pub key: String,
+    pub reason: String,
+}
+
+impl NotifyConfig {
+    /// Every receiver, the older `webhooks:` included (as `webhook-<n>`).
+    pub fn all_receivers(&self) -> Vec<ReceiverConfig> {
+        let mut out: Vec<ReceiverConfig> = self
+            .webhooks
+            .iter()
+            .enumerate()
+            .map(|(i, w)| ReceiverConfig::from_webhook(i, w))
+            .collect();
+        out.extend(self.receivers.iter().cloned());
+        out
+    }
+
+    /// Checks names, URLs, files and routes; relative file paths are resolved with `resolve`.
+    pub fn validate(
+        &mut self,
+        resolve: &dyn Fn(&std::path::Path) -> std::path::PathBuf,
+    ) -> Result<(), NotifyInvalid> {
+        let bad = |key: String, reason: String| NotifyInvalid { key, reason };
+        if self.max_backoff < Duration::from_secs(1) {
+            return Err(bad(
+                "notify.max_backoff".into(),
+                "must be at least 1s".into(),
+            ));
+        }
+        if self.give_up_after < Duration::from_secs(1) {
+            return Err(bad(
+                "notify.give_up_after".into(),
+                "must be at least 1s".into(),
+            ));
+        }
+        if self.reminder.is_some_and(|r| r < Duration::from_secs(1)) {
+            return Err(bad("notify.reminder".into(), "must be at least 1s".into()));
+        }
+        for (i, w) in self.webhooks.iter().enumerate() {
+            receivers::check_url(&w.url)
+                .map_err(|r| bad(format!("notify.webhooks[{i}].url"), r))?;
+        }
+        let mut names = std::collections::HashSet::new();
+        for i in 0..self.webhooks.len() {
+            names.insert(format!("webhook-{}", i + 1));
+        }
+        for (i, r) in self.receivers.iter_mut().enumerate() {
+            if r.name().is_empty() {
+                return Err(bad(
+                    format!("notify.receivers[{i}].name"),
+                    "is empty".into(),
+                ));
+            }
+            if !names.insert(r.name().to_string()) {
+                return Err(bad(
+                    format!("notify.receivers[{i}].name"),
+                    format!("duplicate receiver {:?}", r.name()),
+                ));
+            }
+            r.validate(resolve)
+                .map_err(|(k, reason)| bad(format!("notify.receivers[{i}].{k}"), reason))?;
+        }
+        for (i, route) in self.routes.iter().enumerate() {
+            if route.receivers.is_empty() {
+                return Err(bad(
+                    format!("notify.routes[{i}].receivers"),
+                    "names no receiver".into(),
+                ));
+            }
+            for (j, name) in route.receivers.iter().enumerate() {
+                if !names.contains(name) {
+                    let mut known: Vec<_> = names.iter().cloned().collect();
+                    known.sort();
+                    return Err(bad(
+                        format!("notify.routes[{i}].receivers[{j}]"),
+                        format!("unknown receiver {name:?} (known: {})", known.join(", ")),
+                    ));
+                }
+            }
+            if let Some(sev) = &route.matches.severity
+                && !matches!(sev.as_str(), "critical" | "warning")
+            {
+                return Err(bad(
+                    format!("notify.routes[{i}].match.severity"),
+                    format!("{sev:?} is not critical or warning"),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The severity of an incident opened by `event`: critical for down, node_down and gave_up;
+/// warning for stale, flapping and backlog. Closing events inherit their incident's.
+pub fn severity_of(event: &str) -> &'static str {
+    match event {
+        "down" | "node_down" | "gave_up" => "critical",
+        _ => "warning",
+    }
+}
+
+/// Whether `event` closes an incident (PagerDuty `resolve`).
+pub fn is_resolve(event: &str) -> bool {
+    matches!(
+        event,
+        "recovered" | "fresh" | "flapping_ended" | "node_up" | "backlog_cleared" | "silenced"
+    )
+}
+
+/// The wait before the next attempt after `attempts` failed ones: 1 s, doubling, at most `max`.
+pub fn backoff(attempts: i32, max: Duration) -> Duration {
+    let exp = attempts.clamp(1, 32) as u32 - 1;
+    Duration::from_secs(1u64 << exp.min(30)).min(max)
+}
+
+/// A worker's lease on a claimed alert row: longer than any receiver's timeout.
+const LEASE: Duration = Duration::from_secs(90);
+/// Rows claimed at once (at most one per incident and receiver, sent concurrently).
+const CLAIM: i64 = 32;
+/// A down service without an incident gets one only when this long has passed since its
+/// dependency, mode or flapping changed, or a start or restart ran (its next results tell).
+const DEPENDENCY_SETTLE: Duration = Duration::from_secs(30);
+
+/// The alerting side of the hub: writes incidents and alerts to the database and delivers them.
+pub struct Alerts {
+    store: Store,
+    wake: Arc<tokio::sync::Notify>,
+    receivers: std::sync::RwLock<Arc<Receivers>>,
+    /// `notify.give_up_after`, `notify.max_backoff` in force.
+    timing: std::sync::RwLock<(Duration, Duration)>,
+}
+
+/// The opening event, family and incident severity of service events that open incidents.
+fn opening_family(event: &str) -> Option<&'static str> {
+    match event {
+        "down" => Some("service"),
+        "stale" => Some("stale"),
+        "flapping" => Some("flapping"),
+        "node_down" => Some("node"),
+        "backlog" => Some("backlog"),
+        _ => None,
+    }
+}
+
+/// The family and resolution of closing events.
+fn closing_family(event: &str) -> Option<(&'static str, &'static str)> {
+    match event {
+        "recovered" => Some(("service", "recovered")),
+        "fresh" => Some(("stale", "a result arrived again")),
+        "flapping_ended" => Some(("flapping", "stopped flapping")),
+        "node_up" => Some(("node", "node up")),
+        "backlog_cleared" => Some(("backlog", "backlog cleared")),
+        _ => None,
+    }
+}
+
+impl Alerts {
+    pub fn new(store: Store, cfg: &NotifyConfig) -> Alerts {
+        Alerts {
+            store,
+            wake: Arc::new(tokio::sync::Notify::new()),
+            receivers: std::sync::RwLock::new(Arc::new(Receivers::build(cfg))),
+            timing: std::sync::RwLock::new((cfg.give_up_after, cfg.max_backoff)),
+        }
+    }
+
+    /// Puts a new `notify:` in force (receivers, backoff); rows already enqueued keep their
+    /// receivers.
+    pub fn configure(&self, cfg: &NotifyConfig) {
+        *self.receivers.write().expect("receivers lock") = Arc::new(Receivers::build(cfg));
+        *self.timing.write().expect("timing lock") = (cfg.give_up_after, cfg.max_backoff);
+    }
+
+    /// A service event: `down`, `recovered`, `stale`, `fresh`, `flapping`, `flapping_ended`,
+    /// `gave_up`. Written to the database (or not, by the quiet rules) before this returns; a
+    /// failure to write is logged as an error (the alert is not sent from memory instead).
+    pub async fn service_event(&self, cfg: &Config, svc: &Service, event: &str, reason: &str) {
+        let r = self.service_event_inner(cfg, svc, event, reason).await;
+        match r {
+            Ok(true) => self.wake.notify_one(),
+            Ok(false) => {}
+            Err(e) => tracing::error!(
+                service = %svc.id, node = %svc.node, event, error = %e,
+                "ALERT NOT RECORDED: cannot write the incident and its alert to the database"
+            ),
+        }
+    }
+
+    async fn service_event_inner(
+        &self,
+        cfg: &Config,
+        svc: &Service,
+        event: &str,
+        reason: &str,
+    ) -> Result<bool, crate::store::StoreError> {
+        if let Some(family) = opening_family(event) {
+            let severity = severity_of(event);
+            let payload = payload(event, severity, svc, reason);
+            let receivers = route::route(&cfg.notify, &payload);
+            let dependents: Vec<String> = cfg
+                .services
+                .iter()
+                .filter(|s| s.depends_on.contains(&svc.id))
+                .map(|s| s.id.clone())
+                .collect();
+            let opened = self
+                .store
+                .open_incident(&NewIncident {
+                    family,
+                    node: &svc.node,
+                    service_id: Some(&svc.id),
+                    severity,
+                    event,
+                    reason,
+                    payload,
+                    receivers: &receivers,
+                    depends_on: &svc.depends_on,
+                    dependents: &dependents,
+                    settle: None,
+                })
+                .await?;
+            log_opened(&svc.id, event, &opened);
+            return Ok(matches!(opened, Opened::Opened(_)));
+        }
+        if let Some((family, resolution)) = closing_family(event) {
+            let key = incident_key(family, &svc.node, Some(&svc.id));
+            let closed = self
+                .store
+                .close_incident(&key, event, reason, resolution)
+                .await?;
+            if let Some(id) = closed {
+                tracing::info!(service = %svc.id, event, incident = id, "incident closed");
+            }
+            return Ok(closed.is_some());
+        }
+        if event == "gave_up" {
+            let key = incident_key("service", &svc.node, Some(&svc.id));
+            return self.store.incident_gave_up(&key, reason).await;
+        }
+        tracing::error!(service = %svc.id, event, "unknown alert event");
+        Ok(false)
+    }
+
+    /// The service stopped flapping: its flapping incident closes (`flapping_ended`, saying the
+    /// state now); then, steady again, a down service opens a normal incident and a healthy one
+    /// closes the incident left open from before it flapped.
+    pub async fn flapping_ended(&self, cfg: &Config, svc: &Service, state: &str, reason: &str) {
+        self.service_event(cfg, svc, "flapping_ended", reason).await;
+        match state {
+            "down" => {
+                self.service_event(cfg, svc, "down", "down when it stopped flapping")
+                    .await
+            }
+            "healthy" => {
+                self.service_event(cfg, svc, "recovered", "healthy when it stopped flapping")
+                    .await
+            }
+            _ => {}
+        }
+    }
+
+    /// A node event: `node_down`, `node_up`, `backlog`, `backlog_cleared`.
+    pub async fn node_event(&self, cfg: &Config, node: &str, event: &str, reason: &str) {
+        let r: Result<bool, crate::store::StoreError> = async {
+            if let Some(family) = opening_family(event) {
+                let severity = severity_of(event);
+                let payload = serde_json::json!({
+                    "event": event, "severity": severity, "service": "", "name": node,
+                    "node": node, "category": "node", "labels": {}, "reason": reason,
+                    "at": Utc::now(),
+                });
+                let receivers = route::route(&cfg.notify, &payload);
+                let opened = self
+                    .store
+                    .open_incident(&NewIncident {
+                        family,
+                        node,
+                        service_id: None,
+                        severity,
+                        event,
+                        reason,
+                        payload,
+                        receivers: &receivers,
+                        depends_on: &[],
+                        dependents: &[],
+                        settle: None,
+                    })
+                    .await?;
+                log_opened(node, event, &opened);
+                Ok(matches!(opened, Opened::Opened(_)))
+            } else if let Some((family, resolution)) = closing_family(event) {
+                let key = incident_key(family, node, None);
+                Ok(self
+                    .store
+                    .close_incident(&key, event, reason, resolution)
+                    .await?
+                    .is_some())
+            } else {
+                tracing::error!(%node, event, "unknown alert event");
+                Ok(false)
+            }
+        }
+        .await;
+        match r {
+            Ok(true) => self.wake.notify_one(),
+            Ok(false) => {}
+            Err(e) => tracing::error!(
+                %node, event, error = %e,
+                "ALERT NOT RECORDED: cannot write the incident and its alert to the database"
+            ),
+        }
+    }
+
+    /// What the database says is due but no transition raised: incidents of services that went
+    /// quiet close as silenced; down services without an incident (their alert was held back
+    /// while flapping, paused or behind a dependency) open one; open service incidents of
+    /// services healthy again close.
+    pub async fn catch_up(&self, cfg: &Config) {
+        match self.store.silence_quiet_incidents().await {
+            Ok(s) if !s.is_empty() => self.wake.notify_one(),
+            Ok(_) => {}
+            Err(e) => tracing::error!(error = %e, "alerts: cannot close silenced incidents"),
+        }
+        let (down, healed) = match self.store.alert_catch_up(DEPENDENCY_SETTLE).await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::error!(error = %e, "alerts: cannot read what to catch up on");
+                return;
+            }
+        };
+        for id in down {
+            let Some(svc) = cfg.service(&id) else {
+                continue;
+            };
+            let reason = "down (its alert was held back before: flapping, paused, in maintenance or behind a dependency)";
+            let payload = payload("down", "critical", svc, reason);
+            let receivers = route::route(&cfg.notify, &payload);
+            let dependents: Vec<String> = cfg
+                .services
+                .iter()
+                .filter(|s| s.depends_on.contains(&svc.id))
+                .map(|s| s.id.clone())
+                .collect();
+            match self
+                .store
+                .open_incident(&NewIncident {
+                    family: "service",
+                    node: &svc.node,
+                    service_id: Some(&svc.id),
+                    severity: "critical",
+                    event: "down",
+                    reason,
+                    payload,
+                    receivers: &receivers,
+                    depends_on: &svc.depends_on,
+                    dependents: &dependents,
+                    settle: Some(DEPENDENCY_SETTLE),
+                })
+                .await
+            {
+                Ok(Opened::Opened(n)) => {
+                    tracing::warn!(service = %id, incident = n, "down without an incident: opened one");
+                    self.wake.notify_one();
+                }
+                Ok(_) => {}
+                Err(e) => tracing::error!(service = %id, error = %e, "ALERT NOT RECORDED"),
+            }
+        }
+        for key in healed {
+            match self
+                .store
+                .close_incident(&key, "recovered", "healthy again", "recovered")
+                .await
+            {
+                Ok(Some(_)) => self.wake.notify_one(),
+                Ok(None) => {}
+                Err(e) => tracing::error!(%key, error = %e, "ALERT NOT RECORDED"),
+            }
+        }
+    }
+
+    /// The periodic part: catch-up and reminders.
+    pub async fn tick(&self, cfg: &Config) {
+        self.catch_up(cfg).await;
+        if let Some(every) = cfg.notify.reminder {
+            match self.store.remind(every).await {
+                Ok(0) => {}
+                Ok(n) => {
+                    tracing::info!(incidents = n, "reminders enqueued");
+                    self.wake.notify_one();
+                }
+                Err(e) => tracing::error!(error = %e, "alerts: cannot enqueue reminders"),
+            }
+        }
+    }
+
+    /// Starts the delivery worker: woken at once after an enqueue, and every second.
+    pub fn start_worker(self: &Arc<Self>, shutdown: tokio_util::sync::CancellationToken) {
+        let me = self.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = me.wake.notified() => {}
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+                me.deliver_due().await;
+            }
+        });
+    }
+
+    /// Sends every due row (claimed under a lease), recording each attempt.
+    pub async fn deliver_due(&self) {
+        loop {
+            let rows = match self.store.claim_alerts(CLAIM, LEASE).await {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::error!(error = %e, "alerts: cannot claim alerts to deliver");
+                    return;
+                }
+            };
+            if rows.is_empty() {
+                return;
+            }
+            let receivers = self.receivers.read().expect("receivers lock").clone();
+            let (give_up_after, max_backoff) = *self.timing.read().expect("timing lock");
+            // At most one row per incident and receiver is claimed at once: sending them
+            // concurrently keeps each incident's alerts in order.
+            let sends = rows.iter().map(|row| {
+                let receivers = receivers.clone();
+                async move {
+                    let out = Outgoing::of(row);
+                    let d = match receivers.get(&row.receiver) {
+                        Some(r) => r.send(&out).await,
+                        None => Delivery::failed(
+                            None,
+                            format!("receiver {:?} is not configured", row.receiver),
+                        ),
+                    };
+                    (row, d)
+                }
+            });
+            for (row, d) in futures::future::join_all(sends).await {
+                if d.ok {
+                    tracing::info!(alert = %row.uid, incident = row.incident_id, event = %row.event,
+                        receiver = %row.receiver, attempts = row.attempts, "alert delivered");
+                } else {
+                    tracing::warn!(alert = %row.uid, incident = row.incident_id, event = %row.event,
+                        receiver = %row.receiver, attempts = row.attempts,
+                        status = ?d.http_status, error = ?d.error, "alert not delivered; will retry");
+                }
+                let attempt = Attempt {
+                    ok: d.ok,
+                    http_status: d.http_status,
+                    error: d.error,
+                    retry_in: backoff(row.attempts, max_backoff),
+                    give_up_after,
+                };
+                if let Err(e) = self.store.record_attempt(row.id, &attempt).await {
+                    tracing::error!(alert = %row.uid, error = %e, "alerts: cannot record a delivery attempt");
+                }
+            }
+        }
+    }
+}
+
+fn log_opened(subject: &str, event: &str, opened: &Opened) {
+    match opened {
+        Opened::Opened(id) => tracing::info!(%subject, event, incident = id, "incident opened"),
+        Opened::AlreadyOpen => {
+            tracing::debug!(%subject, event, "incident already open")
+        }
+        Opened::Quiet(why) => tracing::info!(%subject, event, %why, "alert held back"),
+        Opened::Suppressed { by } => {
+            tracing::info!(%subject, event, dependency = %by, "alert suppressed: a dependency is down")
+        }
+    }
+}
+
+/// The alert as stored (receivers render it): what happened to which service, and why.
+pub fn payload(event: &str, severity: &str, svc: &Service, reason: &str) -> serde_json::Value {
+    serde_json::json!({
+        "event": event,
+        "severity": severity,
+        "service": svc.id,
+        "name": svc.name,
+        "node": svc.node,
+        "category": svc.category.as_str(),
+        "labels": svc.labels,
+        "reason": reason,
+        "at": Utc::now(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_from_one_second_up_to_the_maximum() {
+        let max = Duration::from_secs(300);
+        let waits: Vec<u64> = (1..=12).map(|a| backoff(a, max).as_secs()).collect();
+        assert_eq!(waits, [1, 2, 4, 8, 16, 32, 64, 128, 256, 300, 300, 300]);
+        assert_eq!(backoff(0, max), Duration::from_secs(1));
+        assert_eq!(backoff(i32::MAX, max), max);
+        assert_eq!(backoff(5, Duration::from_secs(3)), Duration::from_secs(3));
+    }
+
+    #[test]
+    fn severities_and_resolve_events() {
+        for e in ["down", "node_down", "gave_up"] {
+            assert_eq!(severity_of(e), "critical", "{e}");
+        }
+        for e in ["stale", "flapping", "backlog"] {
+            assert_eq!(severity_of(e), "warning", "{e}");
+        }
+        assert!(is_resolve("silenced") && is_resolve("recovered") && !is_resolve("reminder"));
+        assert!(!is_resolve("gave_up"));
+    }
+
+    #[test]
+    fn defaults_and_older_webhooks_stay_valid() {
+        let mut c: NotifyConfig = serde_norway::from_str(
+            "webhooks:\n  - url: \"http://127.0.0.1:9/\"\n    format: slack\n",
+        )
+        .unwrap();
+        c.validate(&|p| p.to_path_buf()).unwrap();
+        assert_eq!(c.give_up_after, Duration::from_secs(86400));
+        assert_eq!(c.max_backoff, Duration::from_secs(300));
+        let r = c.all_receivers();
+        assert_eq!(r.len(), 1);
+        assert!(matches!(&r[0], ReceiverConfig::Slack(w) if w.name == "webhook-1"));
+    }
+}
