@@ -449,10 +449,12 @@ async fn endpoints_roles_and_bad_input() -> anyhow::Result<()> {
         "{events:?}"
     );
     let (_, cmds) = api.get("/api/services/web/commands", &s.viewer).await?;
+    // (Leaving out the checks that verify a successful start or restart.)
     let actions: Vec<&str> = cmds
         .as_array()
         .unwrap()
         .iter()
+        .filter(|c| !(c["action"] == "check" && c["origin"] == "auto"))
         .map(|c| c["action"].as_str().unwrap())
         .collect();
     assert!(
