@@ -88,6 +88,9 @@ impl Collector {
         let agents = AgentServiceServer::new(grpc::AgentSvc { hub: hub.clone() })
             .max_decoding_message_size(vigil_proto::MAX_MESSAGE_BYTES)
             .max_encoding_message_size(vigil_proto::MAX_MESSAGE_BYTES);
+        // Commands left by the previous run are settled before any agent can connect (a
+        // session sends its node's commands at once).
+        remediation::recover(&hub).await;
         let incoming = ReceiverStream::new(tls::accept_loop(listener, tls));
         let token = hub.shutdown.clone();
         let server = tokio::spawn(async move {
@@ -102,9 +105,8 @@ impl Collector {
                 tracing::error!(error = %e, "gRPC server stopped");
             }
         });
-        // Remediation: commands left by the previous run, then a periodic pass, and commands
-        // created by other processes (the ctl CLI) as soon as they are notified.
-        remediation::recover(&hub).await;
+        // Remediation: a periodic pass, and commands created by other processes (the ctl CLI)
+        // as soon as they are notified.
         let ticker_hub = hub.clone();
         tokio::spawn(async move {
             let mut every = tokio::time::interval(Duration::from_secs(2));

@@ -872,9 +872,15 @@ pub async fn tick(hub: &Hub) {
 /// goes again when the agent connects, and the agent's journal decides whether it runs. One it
 /// was running over SSH may or may not have run: its outcome is `unknown`, it is never re-run.
 pub async fn recover(hub: &Hub) {
-    tick(hub).await;
-    let Ok(rows) = hub.store.open_commands().await else {
-        return;
+    // What the previous run left, read before this run sends anything (a command this run
+    // sends over SSH must not be taken for one the previous run left running).
+    let rows = match hub.store.open_commands().await {
+        Ok(rows) => rows,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot read the commands left open");
+            tick(hub).await;
+            return;
+        }
     };
     for row in rows
         .iter()
@@ -912,6 +918,7 @@ pub async fn recover(hub: &Hub) {
             "commands sent to agents by the previous run go again when their agent connects"
         );
     }
+    tick(hub).await;
 }
 
 #[cfg(test)]

@@ -264,3 +264,121 @@ async fn a_command_whose_agent_disconnects_mid_run_is_resolved() -> anyhow::Resu
     collector.shutdown().await;
     Ok(())
 }
+
+/// A restart over SSH cut off by a collector crash (SIGKILL while the step runs): the next
+/// collector does not run it again but records its outcome as unknown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ssh_restart_cut_off_by_a_collector_crash_is_unknown_never_run_twice()
+-> anyhow::Result<()> {
+    init();
+    let sshd = sshd::start().await?;
+    let db = pg::test_db().await?;
+    let ws = Workspace::new()?;
+    let runs = ws.path().join("runs");
+    let gate = ws.path().join("gate");
+    let script = format!(
+        "echo run >> {}; while [ ! -e {} ]; do sleep 0.05; done",
+        runs.display(),
+        gate.display()
+    );
+    ws.write_service(
+        "slow",
+        &format!(
+            "id: slow\ncategory: api\nnode: edge\ncheck:\n  type: command\n  interval: 1h\n  argv: [\"/bin/true\"]\n\
+             control:\n  via: ssh\n  restart: [[\"/bin/sh\", \"-c\", {script:?}]]\n  timeout: 2m\n"
+        ),
+    )?;
+    let yaml = format!(
+        "grpc_listen: 127.0.0.1:0\nhttp: {{ listen: 127.0.0.1:0 }}\nmetrics: {{ listen: 127.0.0.1:0 }}\ndatabase: {{ url: \"{}\" }}\n\
+         tls: {{ ca: certs/ca.pem, cert: certs/collector.pem, key: certs/collector.key }}\nnodes:\n{}",
+        db.url,
+        node_yaml("edge", false, &sshd, &sshd.host_fingerprint),
+    );
+    let config = ws.path().join("collector.yaml");
+    std::fs::write(&config, yaml)?;
+    /// The collector process, killed (SIGKILL) when dropped.
+    struct Killed(std::process::Child);
+    impl Drop for Killed {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let spawn = || -> anyhow::Result<Killed> {
+        Ok(Killed(
+            std::process::Command::new(vigil_tests::binary("vigil-collector")?)
+                .arg("serve")
+                .arg("--config")
+                .arg(&config)
+                .env("RUST_LOG", "warn")
+                .spawn()?,
+        ))
+    };
+    let first = spawn()?;
+    let store = vigil_collector::Store::connect(&db.url, 1).await?;
+    let id = store
+        .create_command(&vigil_collector::store::NewCommand {
+            service_id: "slow",
+            node: "edge",
+            action: "restart",
+            origin: "manual",
+            requested_by: "test",
+            reason: "test",
+            deadline: chrono::Utc::now() + chrono::Duration::minutes(5),
+        })
+        .await?
+        .expect("created");
+    let lines = || {
+        std::fs::read_to_string(&runs)
+            .map(|s| s.lines().count())
+            .unwrap_or(0)
+    };
+    wait_for("the step running over SSH", LIMIT, || async {
+        Ok((lines() >= 1).then_some(()))
+    })
+    .await?;
+    drop(first); // SIGKILL
+    let second = spawn()?;
+    let row = wait_for("the command closed", LIMIT, || {
+        let store = &store;
+        async move { Ok(store.command(id).await?.filter(|c| c.finished_at.is_some())) }
+    })
+    .await?;
+    assert_eq!(
+        (row.status.as_str(), row.via.as_deref()),
+        ("unknown", Some("ssh")),
+        "{row:?}"
+    );
+    assert!(row.output.contains("not run again"), "{}", row.output);
+    std::fs::write(&gate, "")?;
+    // Another restart of the collector: still nothing runs it again (an operator's new
+    // request is a new command, and it does run).
+    drop(second);
+    let third = spawn()?;
+    let again = store
+        .create_command(&vigil_collector::store::NewCommand {
+            service_id: "slow",
+            node: "edge",
+            action: "restart",
+            origin: "manual",
+            requested_by: "test",
+            reason: "a new request",
+            deadline: chrono::Utc::now() + chrono::Duration::minutes(5),
+        })
+        .await?
+        .expect("created");
+    let row = wait_for("the new command's outcome", LIMIT, || {
+        let store = &store;
+        async move {
+            Ok(store
+                .command(again)
+                .await?
+                .filter(|c| c.finished_at.is_some()))
+        }
+    })
+    .await?;
+    assert_eq!(row.status, "succeeded", "{}", row.output);
+    assert_eq!(lines(), 2, "one run per command id");
+    drop(third);
+    Ok(())
+}

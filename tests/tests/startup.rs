@@ -102,3 +102,25 @@ async fn reload_pushes_new_checks_and_a_bad_reload_keeps_the_running_config() ->
     collector.shutdown().await;
     Ok(())
 }
+
+/// Several processes migrating an empty database at the same moment (collectors starting
+/// together, a CLI beside them): one migrates, the others wait for it; none fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_migrations_of_an_empty_database_all_succeed() -> anyhow::Result<()> {
+    init();
+    let db = pg::test_db().await?;
+    let tries: Vec<_> = (0..6)
+        .map(|_| {
+            let url = db.url.clone();
+            tokio::spawn(async move { vigil_collector::Store::connect(&url, 1).await })
+        })
+        .collect();
+    let mut uids = Vec::new();
+    for t in tries {
+        let store = t.await?.map_err(|e| anyhow::anyhow!("{e}"))?;
+        uids.push(store.uid().to_string());
+    }
+    uids.dedup();
+    assert_eq!(uids.len(), 1, "one database, one identity: {uids:?}");
+    Ok(())
+}

@@ -208,6 +208,9 @@ async fn set_mode_in(
     Ok(())
 }
 
+/// The advisory lock held while migrations run ("vigil mi" in ASCII).
+const MIGRATION_LOCK: i64 = 0x7669_6769_6c20_6d69;
+
 /// Connection pool plus the queries.
 #[derive(Clone)]
 pub struct Store {
@@ -266,6 +269,11 @@ impl Store {
                 source,
             })?;
         let conn_task = tokio::spawn(conn);
+        // One process migrates at a time (several collectors, or a CLI, starting together):
+        // the others wait, then find the migrations applied. Released with the connection.
+        client
+            .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
+            .await?;
         let report = embedded::migrations::runner()
             .run_async(&mut client)
             .await?;
