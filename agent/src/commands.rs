@@ -129,6 +129,9 @@ pub(crate) struct Commands {
     journal: Arc<Journal>,
     stream: Stream,
     running: Running,
+    /// Journal keys of the commands this process is starting or running: a copy that arrives
+    /// before the first one's journal entry is written is answered "still running".
+    keys: Running,
     tasks: JoinSet<()>,
 }
 
@@ -186,6 +189,7 @@ impl Commands {
             journal,
             stream: Arc::new(StdMutex::new(None)),
             running: Arc::new(StdMutex::new(HashSet::new())),
+            keys: Arc::new(StdMutex::new(HashSet::new())),
             tasks: JoinSet::new(),
         }
     }
@@ -200,7 +204,14 @@ impl Commands {
         while self.tasks.try_join_next().is_some() {}
         let (journal, stream) = (self.journal.clone(), self.stream.clone());
         self.tasks.spawn(async move {
-            let pending = tokio::task::spawn_blocking(move || journal.undelivered()).await;
+            let pending = tokio::task::spawn_blocking(move || {
+                // Forget what was delivered long ago (here: once per new stream).
+                if let Err(e) = journal.prune(now_ms()) {
+                    tracing::warn!(error = %e, "cannot prune the command journal");
+                }
+                journal.undelivered()
+            })
+            .await;
             match pending {
                 Ok(Ok(results)) => {
                     if !results.is_empty() {
@@ -247,6 +258,22 @@ impl Commands {
             Ok(found) => found.and_then(|f| from_journal(&cmd, f)),
             Err(e) => Some(refusal(&cmd, &format!("not started: {e}"))),
         };
+        // Its journal entry may not be written yet: this process holds the key.
+        let held = Slot::take(&self.keys, &key);
+        let known = match (known, &held) {
+            (Some(answer), _) => Some(answer),
+            (None, None) => from_journal(
+                &cmd,
+                Begin::Running(journal::Entry {
+                    service_id: cmd.service_id.clone(),
+                    action: cmd.action.clone(),
+                    started_at_ms: 0,
+                    finished_at_ms: 0,
+                    delivered_at_ms: 0,
+                }),
+            ),
+            (None, Some(_)) => None,
+        };
         if let Some(answer) = known {
             tracing::info!(
                 command_id = %cmd.command_id, service = %cmd.service_id, action = %cmd.action,
@@ -265,6 +292,7 @@ impl Commands {
         let scheduler = self.scheduler.clone();
         let (journal, stream) = (self.journal.clone(), self.stream.clone());
         self.tasks.spawn(async move {
+            let _held = held;
             let result = match work {
                 Err(refusal_reason) => {
                     tracing::warn!(
@@ -704,6 +732,12 @@ mod tests {
         );
         cmd.issuer = "db-1".into();
         commands.spawn(cmd.clone());
+        // A copy right behind it (before its journal entry can be written): not "busy", not
+        // run, but "still running".
+        commands.spawn(cmd.clone());
+        let r = reply(&mut rx).await;
+        assert!(r.running, "{r:?}");
+        assert_ne!(r.output, BUSY);
         // Wait until it runs, then send it again.
         let deadline = Instant::now() + Duration::from_secs(20);
         while !runs.exists() {

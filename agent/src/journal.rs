@@ -129,6 +129,33 @@ impl Journal {
         serde_json::from_slice(bytes).map_err(|e| self.err(format!("corrupt entry: {e}")))
     }
 
+    /// Forgets entries delivered more than [`KEEP_DELIVERED_MS`] before `now_ms`; returns how
+    /// many.
+    pub fn prune(&self, now_ms: i64) -> Result<usize, JournalError> {
+        let txn = self.begin_write()?;
+        let n = {
+            let mut entries = txn.open_table(ENTRIES).map_err(|e| self.err(e))?;
+            let mut outcomes = txn.open_table(OUTCOMES).map_err(|e| self.err(e))?;
+            let mut old = Vec::new();
+            for item in entries.iter().map_err(|e| self.err(e))? {
+                let (k, v) = item.map_err(|e| self.err(e))?;
+                if let Ok(entry) = self.decode(v.value())
+                    && entry.delivered_at_ms > 0
+                    && now_ms - entry.delivered_at_ms > KEEP_DELIVERED_MS
+                {
+                    old.push(k.value().to_string());
+                }
+            }
+            for key in &old {
+                entries.remove(key.as_str()).map_err(|e| self.err(e))?;
+                outcomes.remove(key.as_str()).map_err(|e| self.err(e))?;
+            }
+            old.len()
+        };
+        txn.commit().map_err(|e| self.err(e))?;
+        Ok(n)
+    }
+
     fn recover(&self, now_ms: i64) -> Result<(), JournalError> {
         let txn = self.begin_write()?;
         {
@@ -448,6 +475,11 @@ mod tests {
         let j = Journal::open(&path, 50 + KEEP_DELIVERED_MS + 1).unwrap();
         assert_eq!(j.len().unwrap(), 1);
         assert!(j.get(&key("db", "1")).unwrap().is_none());
+        // The same while running: prune.
+        assert!(j.delivered(&key("db", "2"), 1_000).unwrap());
+        assert_eq!(j.prune(1_000 + KEEP_DELIVERED_MS).unwrap(), 0);
+        assert_eq!(j.prune(1_001 + KEEP_DELIVERED_MS).unwrap(), 1);
+        assert!(j.is_empty().unwrap());
     }
 
     #[test]

@@ -114,6 +114,9 @@ pub async fn evaluate(hub: &Hub, ids: &[String]) {
     }
     wanted.sort_unstable();
     wanted.dedup();
+    // A restart decided from these views is created only if none was since (see
+    // `Store::create_auto_restart`); a second earlier, for clocks of collector and database.
+    let decided_at = Utc::now() - chrono::Duration::seconds(1);
     let views = match hub.store.views(&wanted).await {
         Ok(v) => v,
         Err(e) => {
@@ -155,7 +158,7 @@ pub async fn evaluate(hub: &Hub, ids: &[String]) {
                     .await;
                 given_up
             }
-            Decision::Restart { reason } => auto_restart(hub, svc, &reason).await,
+            Decision::Restart { reason } => auto_restart(hub, svc, &reason, decided_at).await,
         };
         if let Err(e) = result {
             tracing::error!(service = %id, error = %e, "remediation failed");
@@ -192,34 +195,28 @@ async fn auto_restart(
     hub: &Hub,
     svc: &Service,
     reason: &str,
+    decided_at: DateTime<Utc>,
 ) -> Result<(), crate::store::StoreError> {
     let deadline =
         Utc::now() + chrono::Duration::from_std(svc.command_deadline).unwrap_or_default();
     let Some(id) = hub
         .store
-        .create_command(&NewCommand {
-            service_id: &svc.id,
-            node: &svc.node,
-            action: "restart",
-            origin: "auto",
-            requested_by: "vigil",
-            reason,
-            deadline,
-        })
+        .create_auto_restart(
+            &NewCommand {
+                service_id: &svc.id,
+                node: &svc.node,
+                action: "restart",
+                origin: "auto",
+                requested_by: "vigil",
+                reason,
+                deadline,
+            },
+            decided_at,
+        )
         .await?
     else {
-        return Ok(()); // one is already in flight
+        return Ok(()); // one is in flight, or another evaluation acted meanwhile
     };
-    hub.store.count_restart(&svc.id).await?;
-    hub.store
-        .add_event(
-            &svc.id,
-            "remediation",
-            "down",
-            "restarting",
-            &format!("command {id}: {reason}"),
-        )
-        .await?;
     tracing::info!(service = %svc.id, node = %svc.node, command_id = id, %reason, "automatic restart");
     if let Some(cmd) = hub.store.command(id).await? {
         dispatch(hub, &cmd).await;
@@ -528,6 +525,16 @@ async fn run_over_ssh(
         let mut output = String::new();
         let mut outcome = ("succeeded", Some(0), String::new());
         for (i, argv) in steps.iter().enumerate() {
+            if Utc::now() > cmd.deadline {
+                // Like an agent: nothing starts after the deadline.
+                output.push_str(&format!(
+                    "step {}/{} not started: the command's deadline passed\n",
+                    i + 1,
+                    steps.len()
+                ));
+                outcome = ("timed_out", None, String::new());
+                break;
+            }
             output.push_str(&format!("$ {}\n", argv.join(" ")));
             match hub
                 .ssh
@@ -569,7 +576,19 @@ async fn run_over_ssh(
         .await
     {
         Ok(Some(row)) => after_finish(hub, &row).await,
-        Ok(None) => {}
+        // Closed meanwhile (the backstop expiry, a restarted collector): keep what happened.
+        Ok(None) => match hub
+            .store
+            .late_outcome(cmd.id, status, exit_code, &output)
+            .await
+        {
+            Ok(Some(row)) => tracing::warn!(command_id = cmd.id, closed_as = %row.status,
+                reported = status, "a command run over SSH ended after it had been closed; both are kept"),
+            Ok(None) => {}
+            Err(e) => {
+                tracing::error!(command_id = cmd.id, error = %e, "cannot record a late outcome")
+            }
+        },
         Err(e) => tracing::error!(command_id = cmd.id, error = %e, "cannot record command result"),
     }
 }

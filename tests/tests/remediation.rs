@@ -543,3 +543,42 @@ async fn mode(c: &tokio_postgres::Client) -> anyhow::Result<String> {
     .await?
     .get(0))
 }
+
+/// Two evaluations that read the same view of a failing service: only the first creates a
+/// restart, even when that restart has already finished by the time the second one tries (the
+/// in-flight index alone would let it through). A decision made after it may restart again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_evaluations_of_one_failure_restart_once() -> anyhow::Result<()> {
+    init();
+    let db = pg::test_db().await?;
+    let store = vigil_collector::Store::connect(&db.url, 2).await?;
+    let new = |reason: &'static str| vigil_collector::store::NewCommand {
+        service_id: "app",
+        node: "n1",
+        action: "restart",
+        origin: "auto",
+        requested_by: "vigil",
+        reason,
+        deadline: chrono::Utc::now() + chrono::Duration::minutes(5),
+    };
+    let decided = chrono::Utc::now() - chrono::Duration::seconds(1);
+    let first = store.create_auto_restart(&new("first"), decided).await?;
+    let first = first.expect("the first evaluation restarts");
+    store
+        .finish_command(first, "succeeded", Some(0), "", None)
+        .await?
+        .expect("finished");
+    assert_eq!(
+        store.create_auto_restart(&new("second"), decided).await?,
+        None,
+        "the second evaluation of the same failure restarted too"
+    );
+    let later = chrono::Utc::now();
+    assert!(
+        store
+            .create_auto_restart(&new("later"), later)
+            .await?
+            .is_some()
+    );
+    Ok(())
+}

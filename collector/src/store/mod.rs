@@ -591,6 +591,56 @@ impl Store {
         Ok(Some(id))
     }
 
+    /// Creates an automatic restart decided from a view of the service read at `decided_at`,
+    /// counts it against the budget and records its event, in one transaction. `None` when a
+    /// start/stop/restart is in flight or was created since `decided_at` (another evaluation
+    /// acted on the same failure meanwhile): one failure, one restart.
+    pub async fn create_auto_restart(
+        &self,
+        c: &NewCommand<'_>,
+        decided_at: DateTime<Utc>,
+    ) -> Result<Option<i64>, StoreError> {
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        // Serialises the evaluations of this service.
+        tx.execute(
+            "SELECT 1 FROM service_state WHERE service_id = $1 FOR UPDATE",
+            &[&c.service_id],
+        )
+        .await?;
+        let row = tx
+            .query_opt(
+                "INSERT INTO commands (service_id, node, action, origin, requested_by, reason, deadline)
+                 SELECT $1, $2, $3, $4, $5, $6, $7
+                 WHERE NOT EXISTS (SELECT 1 FROM commands WHERE service_id = $1
+                                   AND action IN ('start', 'stop', 'restart') AND created_at >= $8)
+                 ON CONFLICT (service_id) WHERE status IN ('pending', 'sent') AND action <> 'check' DO NOTHING
+                 RETURNING id",
+                &[&c.service_id, &c.node, &c.action, &c.origin, &c.requested_by, &c.reason, &c.deadline, &decided_at],
+            )
+            .await?;
+        let Some(row) = row else { return Ok(None) };
+        let id: i64 = row.get(0);
+        tx.execute(
+            "UPDATE service_state SET restarts_used = restarts_used + 1, gave_up_at = NULL WHERE service_id = $1",
+            &[&c.service_id],
+        )
+        .await?;
+        tx.execute(
+            "INSERT INTO events (service_id, kind, from_state, to_state, reason)
+             VALUES ($1, 'remediation', 'down', 'restarting', $2)",
+            &[&c.service_id, &format!("command {id}: {}", c.reason)],
+        )
+        .await?;
+        tx.execute(
+            "SELECT pg_notify($1, $2)",
+            &[&COMMANDS_CHANNEL, &id.to_string()],
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(Some(id))
+    }
+
     /// The commands a statement returns (it selects or returns [`COMMAND_COLUMNS`]).
     async fn query_commands(
         &self,
@@ -707,7 +757,11 @@ impl Store {
         let sql = format!(
             "UPDATE commands SET status = 'timed_out', finished_at = now(),
                output = CASE WHEN output = '' THEN 'no result before the deadline' ELSE output END
-             WHERE status IN ('pending', 'sent') AND deadline < now() RETURNING {COMMAND_COLUMNS}"
+             WHERE status IN ('pending', 'sent') AND deadline < now()
+               -- A run over SSH starts no step after the deadline and ends with its steps'
+               -- timeouts; it records its own outcome (an hour past the deadline: backstop).
+               AND NOT (status = 'sent' AND via = 'ssh' AND deadline > now() - interval '1 hour')
+             RETURNING {COMMAND_COLUMNS}"
         );
         self.query_commands(&sql, &[]).await
     }
@@ -853,18 +907,6 @@ impl Store {
             .execute(
                 "INSERT INTO events (service_id, kind, from_state, to_state, reason) VALUES ($1, $2, $3, $4, $5)",
                 &[&service_id, &kind, &from, &to, &reason],
-            )
-            .await?;
-        Ok(())
-    }
-
-    /// Counts an automatic restart against the budget.
-    pub async fn count_restart(&self, service_id: &str) -> Result<(), StoreError> {
-        let client = self.pool.get().await?;
-        client
-            .execute(
-                "UPDATE service_state SET restarts_used = restarts_used + 1, gave_up_at = NULL WHERE service_id = $1",
-                &[&service_id],
             )
             .await?;
         Ok(())
