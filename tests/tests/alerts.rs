@@ -172,8 +172,7 @@ async fn alert_survives_receiver_outage_and_collector_sigkill() -> anyhow::Resul
         .replace(
             "http: { listen: 127.0.0.1:0 }",
             &format!("http: {{ listen: 127.0.0.1:{http} }}"),
-        )
-        .replace("metrics: { listen: 127.0.0.1:0 }\n", "");
+        );
     std::fs::write(
         &path,
         format!(
