@@ -2,7 +2,8 @@
 //! and a SIGKILLed collector and arrives once; flapping sends flapping/flapping_ended and nothing
 //! in between; a dependent's alert is suppressed and named by its dependency's; a pause closes
 //! the incident as silenced; reminders come from the database and survive a restart; email over
-//! STARTTLS to a real SMTP server (aiosmtpd); PagerDuty trigger then resolve.
+//! STARTTLS to a real SMTP server (aiosmtpd); PagerDuty trigger then resolve; against the store
+//! alone: late and lost incidents caught up, node maintenance, the quiet-rule lock, the lease.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
