@@ -216,6 +216,22 @@ async fn heal_once(hub: &Hub, node: &NodeConfig, why: &str) -> String {
     let Some(ssh) = node.ssh.clone() else {
         return "no ssh: block to heal its agent with".into();
     };
+    // An operator working on a node under a maintenance window (a reboot, an agent upgrade)
+    // does not get its agent restarted under him; the heal comes back once the window ends.
+    match hub.store.node_in_maintenance(&node.name).await {
+        Ok(Some(until)) => {
+            tracing::info!(node = %node.name, %until, "node down in a maintenance window: its agent is not healed over SSH");
+            return format!(
+                "the node is in maintenance until {}: its agent is not healed over SSH",
+                until.format("%Y-%m-%d %H:%M:%S UTC")
+            );
+        }
+        Ok(None) => {}
+        Err(e) => {
+            tracing::error!(node = %node.name, error = %e, "cannot read the node's maintenance; its agent is not healed now");
+            return format!("its agent is not healed now: cannot read the node's maintenance: {e}");
+        }
+    }
     let ac = &node.agent_control;
     let host = &node.address;
     let text = match hub.ssh.run(host, &ssh, &ac.check, Some(ac.timeout)).await {

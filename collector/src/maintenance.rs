@@ -8,7 +8,15 @@
 //! lasts `duration` of real time. A start time that does not exist on a day (the hour skipped
 //! when clocks go forward) starts the window at the end of the gap (02:30 in Europe/Berlin on
 //! the last Sunday of March starts at 03:00 CEST). A start time that exists twice (clocks go
-//! back) starts at its first occurrence.
+//! back) starts at its first occurrence. A window lasting exactly its period (daily 24h, weekly
+//! on one day 7d, or as long as the gap to its next day) is continuous: each occurrence lasts
+//! until the next one starts, so the day clocks go back leaves no hole (refusing such windows
+//! would have silently dropped ones already stored).
+//!
+//! Nodes: a node is in maintenance while a window in force names it and nothing narrower (only
+//! `nodes:`), or every service of it (at least one) is covered ([`node_cover`]); the pass writes
+//! `nodes.maintenance_until`, which node alerts and the agent heal over SSH read. One-off
+//! windows that ended more than 7 days ago are deleted by the pass (at most every 5 minutes).
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::time::Duration;
@@ -459,12 +467,30 @@ fn occurrences(
             days.as_ref()
                 .is_none_or(|ds| ds.contains(&d.weekday().num_days_from_monday()))
         })
-        .filter_map(move |d| start_on(tz, d, start))
-        .map(move |s| (s, s + chrono_duration(duration)))
+        .filter_map(move |d| start_on(tz, d, start).map(|s| (d, s)))
+        .map(move |(d, s)| {
+            let mut end = s + chrono_duration(duration);
+            // A window lasting exactly its period is continuous: on the day clocks go back it
+            // lasts until the next start, not an hour less.
+            let gap = next_gap(days, d);
+            if duration >= Duration::from_secs(u64::from(gap) * 24 * 3600)
+                && let Some(next) = start_on(tz, d + chrono::Duration::days(i64::from(gap)), start)
+            {
+                end = end.max(next);
+            }
+            (s, end)
+        })
 }
 
-/// Until when `schedule` is in force at `now`, or `None` when it is not. Overlapping
-/// occurrences give the latest end.
+/// Days from local date `d` to the next day a recurring window starts on (1 for a daily one).
+fn next_gap(days: &Option<BTreeSet<u32>>, d: NaiveDate) -> u32 {
+    let Some(ds) = days else { return 1 };
+    let wd = d.weekday().num_days_from_monday();
+    (1..=7).find(|k| ds.contains(&((wd + k) % 7))).unwrap_or(7)
+}
+
+/// Until when `schedule` is in force at `now`, or `None` when it is not. Overlapping or
+/// back-to-back occurrences give the end of the whole stretch (at most about a week ahead).
 pub fn active(schedule: &Schedule, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
     match schedule {
         Schedule::Once { from, to } => (*from <= now && now < *to).then_some(*to),
@@ -477,17 +503,30 @@ pub fn active(schedule: &Schedule, now: DateTime<Utc>) -> Option<DateTime<Utc>> 
             let today = now.with_timezone(tz).date_naive();
             let back = duration.as_secs().div_ceil(86400) as i64 + 1;
             let first = today - chrono::Duration::days(back);
-            occurrences(
+            let mut occ: Vec<(DateTime<Utc>, DateTime<Utc>)> = occurrences(
                 days,
                 *start,
                 *duration,
                 *tz,
                 first,
-                today + chrono::Duration::days(1),
+                today + chrono::Duration::days(8),
             )
-            .filter(|(s, e)| *s <= now && now < *e)
-            .map(|(_, e)| e)
-            .max()
+            .collect();
+            occ.sort();
+            let mut until = occ
+                .iter()
+                .filter(|(s, e)| *s <= now && now < *e)
+                .map(|(_, e)| *e)
+                .max()?;
+            // Occurrences that start before this one ends make one stretch (looking a week
+            // ahead), so that the pass every 2 s leaves no hole between them.
+            for (s, e) in &occ {
+                if *s > until {
+                    break;
+                }
+                until = until.max(*e);
+            }
+            Some(until)
         }
     }
 }
@@ -564,9 +603,24 @@ pub fn compile_rows(rows: &[MaintenanceRow]) -> Vec<Window> {
 /// Evaluates every window now and writes which services are in maintenance (one set-based
 /// statement, with an event per service that enters or leaves maintenance).
 pub async fn apply(store: &Store, cfg: &Config) -> Result<(), StoreError> {
+    purge_ended(store).await;
     let windows = compile_rows(&store.maintenance_windows().await?);
     let now = Utc::now();
-    let covered = cover(&windows, cfg.services.iter().map(Target::from), now);
+    let targets: Vec<Target<'_>> = cfg.services.iter().map(Target::from).collect();
+    let covered = cover(&windows, targets.iter().copied(), now);
+    let nodes = node_cover(
+        &windows,
+        cfg.nodes.iter().map(|n| n.name.as_str()),
+        &targets,
+        &covered,
+        now,
+    );
+    for (node, until) in store.apply_node_maintenance(&nodes).await? {
+        match until {
+            Some(u) => tracing::info!(%node, until = %u, "node maintenance started"),
+            None => tracing::info!(%node, "node maintenance ended"),
+        }
+    }
     for c in store.apply_maintenance(&covered).await? {
         match c.window_id {
             Some(w) => {
@@ -576,6 +630,83 @@ pub async fn apply(store: &Store, cfg: &Config) -> Result<(), StoreError> {
         }
     }
     Ok(())
+}
+
+/// One-off windows are deleted this long after they ended.
+pub const KEEP_ENDED: Duration = Duration::from_secs(7 * 24 * 3600);
+/// The purge of ended windows runs at most this often per process.
+const PURGE_EVERY: Duration = Duration::from_secs(300);
+/// When this process last purged (Unix seconds; 0: never).
+static LAST_PURGE: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
+
+/// Deletes one-off windows that ended more than [`KEEP_ENDED`] ago, at most every
+/// [`PURGE_EVERY`]; a failure is logged (it only costs a little work in the next passes).
+async fn purge_ended(store: &Store) {
+    use std::sync::atomic::Ordering;
+    let now = Utc::now().timestamp();
+    let last = LAST_PURGE.load(Ordering::Relaxed);
+    if now - last < PURGE_EVERY.as_secs() as i64
+        || LAST_PURGE
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_err()
+    {
+        return;
+    }
+    match store.purge_ended_maintenance(KEEP_ENDED).await {
+        Ok(names) => {
+            for name in names {
+                tracing::info!(window = %name, "maintenance window ended more than 7 days ago: deleted");
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "maintenance: cannot delete ended windows"),
+    }
+}
+
+/// Which nodes are in maintenance at `now`, until when: a node named by a window in force whose
+/// matcher has nothing narrower (no services, categories or labels), or whose services (at
+/// least one) are all `covered` (until the first of them ends). The later end wins.
+pub fn node_cover<'a>(
+    windows: &[Window],
+    nodes: impl IntoIterator<Item = &'a str>,
+    services: &[Target<'_>],
+    covered: &[Cover],
+    now: DateTime<Utc>,
+) -> Vec<(String, DateTime<Utc>)> {
+    let whole: Vec<(&Window, DateTime<Utc>)> = windows
+        .iter()
+        .filter(|w| {
+            !w.matcher.nodes.is_empty()
+                && w.matcher.services.is_empty()
+                && w.matcher.categories.is_empty()
+                && w.matcher.labels.is_empty()
+        })
+        .filter_map(|w| active(&w.schedule, now).map(|u| (w, u)))
+        .collect();
+    let until_of: BTreeMap<&str, DateTime<Utc>> = covered
+        .iter()
+        .map(|c| (c.service_id.as_str(), c.until))
+        .collect();
+    let mut out = Vec::new();
+    for node in nodes {
+        let named = whole
+            .iter()
+            .filter(|(w, _)| w.matcher.nodes.contains(node))
+            .map(|(_, u)| *u)
+            .max();
+        let mut all: Option<DateTime<Utc>> = None;
+        let mut every = true;
+        for t in services.iter().filter(|t| t.node == node) {
+            match until_of.get(t.id) {
+                Some(u) => all = Some(all.map_or(*u, |a| a.min(*u))),
+                None => every = false,
+            }
+        }
+        let all = all.filter(|_| every);
+        if let Some(u) = named.into_iter().chain(all).max() {
+            out.push((node.to_string(), u));
+        }
+    }
+    out
 }
 
 /// The maintenance pass (every 2 s from the collector's ticker).
@@ -1157,6 +1288,163 @@ mod tests {
                 },
             ]
         );
+    }
+
+    #[test]
+    fn a_window_as_long_as_its_period_has_no_hole_when_clocks_go_back() {
+        // Daily 22:00 Europe/Berlin for 24h: 2025-10-26 has 25 hours (clocks go back at 03:00
+        // CEST); every minute of that week must be covered, and the end reported reaches past
+        // the next start (no hole between two passes either).
+        let daily = schedule(&recurring(
+            Recurrence::Daily,
+            &[],
+            "22:00",
+            "24h",
+            "Europe/Berlin",
+        ));
+        // Weekly on Sundays 00:00 for 7d over the same change.
+        let weekly = schedule(&recurring(
+            Recurrence::Weekly,
+            &["sun"],
+            "00:00",
+            "7d",
+            "Europe/Berlin",
+        ));
+        // Weekly on Mondays and Thursdays, lasting the shorter gap (3 days): not continuous,
+        // covered from Monday 00:00 to Thursday 00:00 + 3d = Sunday 00:00, then a day's hole.
+        let two_days = schedule(&recurring(
+            Recurrence::Weekly,
+            &["mon", "thu"],
+            "00:00",
+            "3d",
+            "Europe/Berlin",
+        ));
+        let mut t = at("2025-10-20T00:00:00Z");
+        while t < at("2025-11-02T00:00:00Z") {
+            for (name, s) in [("daily", &daily), ("weekly", &weekly)] {
+                let until = active(s, t).unwrap_or_else(|| panic!("{name} not in force at {t}"));
+                assert!(
+                    until > t + chrono::Duration::hours(1),
+                    "{name} at {t}: {until}"
+                );
+            }
+            t += chrono::Duration::minutes(10);
+        }
+        // The 25-hour day: the occurrence of Saturday 22:00 CEST (20:00Z) would end at 20:00Z
+        // Sunday, an hour before Sunday 22:00 CET (21:00Z); it lasts until then.
+        assert!(active(&daily, at("2025-10-26T20:30:00Z")).is_some());
+        // Not continuous: Sunday 2025-10-26, 12:00 local is outside (Thu 00:00 + 3d = Sun 00:00).
+        assert_eq!(active(&two_days, at("2025-10-26T11:00:00Z")), None);
+        assert_eq!(
+            active(&two_days, at("2025-10-23T12:00:00Z")),
+            Some(at("2025-10-25T22:00:00Z"))
+        );
+        // A 23h daily window keeps its hour off, on the 25-hour day two.
+        let short = schedule(&recurring(
+            Recurrence::Daily,
+            &[],
+            "22:00",
+            "23h",
+            "Europe/Berlin",
+        ));
+        assert_eq!(active(&short, at("2025-10-26T19:30:00Z")), None);
+        assert_eq!(active(&short, at("2025-10-26T20:30:00Z")), None);
+        assert_eq!(
+            active(&short, at("2025-10-26T21:30:00Z")),
+            Some(at("2025-10-27T20:00:00Z"))
+        );
+    }
+
+    #[test]
+    fn a_node_is_in_maintenance_when_named_or_when_all_its_services_are() {
+        let now = at("2025-06-01T12:00:00Z");
+        let win = |id, to: &str, m: Matcher| Window {
+            id,
+            name: format!("w{id}"),
+            schedule: Schedule::Once {
+                from: at("2025-06-01T11:00:00Z"),
+                to: at(to),
+            },
+            matcher: m,
+        };
+        let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<BTreeSet<_>>();
+        let windows = vec![
+            // n1 named alone: the whole node.
+            win(
+                1,
+                "2025-06-01T13:00:00Z",
+                Matcher {
+                    nodes: names(&["n1"]),
+                    ..Default::default()
+                },
+            ),
+            // n2 named with a category: only its api services, not the node.
+            win(
+                2,
+                "2025-06-01T14:00:00Z",
+                Matcher {
+                    nodes: names(&["n2"]),
+                    categories: names(&["api"]),
+                    ..Default::default()
+                },
+            ),
+            // Both services of n3 by id, ending at different times: the node until the first.
+            win(
+                3,
+                "2025-06-01T15:00:00Z",
+                Matcher {
+                    services: names(&["c1"]),
+                    ..Default::default()
+                },
+            ),
+            win(
+                4,
+                "2025-06-01T16:00:00Z",
+                Matcher {
+                    services: names(&["c2", "d1"]),
+                    ..Default::default()
+                },
+            ),
+        ];
+        let none = BTreeMap::new();
+        let t = |id, node, category| Target {
+            id,
+            node,
+            category,
+            labels: &none,
+        };
+        let targets = vec![
+            t("a1", "n1", "api"),
+            t("b1", "n2", "api"),
+            t("b2", "n2", "web"),
+            t("c1", "n3", "api"),
+            t("c2", "n3", "web"),
+            t("d1", "n4", "api"),
+            t("d2", "n4", "api"),
+        ];
+        let covered = cover(&windows, targets.iter().copied(), now);
+        let got = node_cover(
+            &windows,
+            ["n1", "n2", "n3", "n4", "n5"],
+            &targets,
+            &covered,
+            now,
+        );
+        assert_eq!(
+            got,
+            vec![
+                ("n1".to_string(), at("2025-06-01T13:00:00Z")),
+                ("n3".to_string(), at("2025-06-01T15:00:00Z")),
+            ]
+        );
+        // A node without services is in maintenance only when named.
+        let got = node_cover(&windows, ["n5"], &[], &[], now);
+        assert!(got.is_empty());
+        // Once window 1 ended, n1 (all of whose services were covered by it) is out too.
+        let later = at("2025-06-01T13:30:00Z");
+        let covered = cover(&windows, targets.iter().copied(), later);
+        let got = node_cover(&windows, ["n1"], &targets, &covered, later);
+        assert!(got.is_empty(), "{got:?}");
     }
 
     #[test]

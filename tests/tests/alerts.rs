@@ -2,7 +2,8 @@
 //! and a SIGKILLed collector and arrives once; flapping sends flapping/flapping_ended and nothing
 //! in between; a dependent's alert is suppressed and named by its dependency's; a pause closes
 //! the incident as silenced; reminders come from the database and survive a restart; email over
-//! STARTTLS to a real SMTP server (aiosmtpd); PagerDuty trigger then resolve.
+//! STARTTLS to a real SMTP server (aiosmtpd); PagerDuty trigger then resolve; against the store
+//! alone: late and lost incidents caught up, node maintenance, the quiet-rule lock, the lease.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -810,5 +811,260 @@ async fn a_crash_in_a_maintenance_window_is_left_alone_until_the_window_ends() -
     );
     agent.shutdown().await;
     collector.shutdown().await;
+    Ok(())
+}
+
+/// The database side of the alerts without a running collector, the liveness state written
+/// directly: node alerts, reminders and the SSH heal are quiet while the node is in
+/// maintenance; the catch-up opens late stale, node_down and backlog incidents and closes them
+/// when the database says they are over (a lost closing alert), and closes (never reminds) the
+/// incidents of a service removed from the config; a pause committed while an incident is being
+/// opened waits for it (quiet rules read under a lock); a late attempt after the lease expired
+/// does not undo a delivery.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn catch_up_node_maintenance_quiet_lock_and_lease() -> anyhow::Result<()> {
+    use vigil_collector::notify::Alerts;
+    use vigil_collector::store::{Attempt, NewIncident, Opened};
+    init();
+    let db = pg::test_db().await?;
+    let ws = Workspace::new()?;
+    ws.issue("n1")?;
+    ws.write_service("s1", &vigil_tests::true_service("s1", "n1"))?;
+    ws.write_service("s2", &vigil_tests::true_service("s2", "n1"))?;
+    let notify = "notify:\n  webhooks:\n    - { url: \"http://127.0.0.1:9/\" }\n";
+    let path = collector_yaml(&ws, &db.url, notify)?;
+    let cfg = Config::load(&path)?;
+    let store = Store::connect(&db.url, 4).await?;
+    store.sync_config(&cfg).await?;
+    let alerts = Alerts::new(store.clone(), &cfg.notify);
+    let sql = db.connect().await?;
+    let open = |family: &'static str| {
+        let sql = &sql;
+        async move {
+            count(
+                sql,
+                &format!("SELECT count(*) FROM incidents WHERE family = '{family}' AND resolved_at IS NULL"),
+            )
+            .await
+        }
+    };
+    let events = |family: &'static str| {
+        let sql = &sql;
+        async move {
+            let rows = sql
+                .query(
+                    "SELECT a.event FROM alerts a JOIN incidents i ON i.id = a.incident_id
+                     WHERE i.family = $1 ORDER BY a.id",
+                    &[&family],
+                )
+                .await?;
+            anyhow::Ok(
+                rows.iter()
+                    .map(|r| r.get::<_, String>(0))
+                    .collect::<Vec<_>>(),
+            )
+        }
+    };
+
+    // A backlog incident is open when the node enters maintenance: it is not reminded, and
+    // the catch-up closes it as silenced.
+    alerts
+        .node_event(&cfg, "n1", "backlog", "5 result(s) waiting")
+        .await;
+    assert_eq!(open("backlog").await?, 1);
+    sql.execute(
+        "UPDATE nodes SET maintenance_until = now() + interval '1 hour',
+                          down_since = now() - interval '1 minute', down_reason = 'test'
+         WHERE name = 'n1'",
+        &[],
+    )
+    .await?;
+    assert_eq!(
+        store.remind(Duration::ZERO).await?,
+        0,
+        "reminded in maintenance"
+    );
+    // Down in maintenance: no node_down alert, now or late, and no heal over SSH.
+    alerts
+        .node_event(&cfg, "n1", "node_down", "its agent disconnected")
+        .await;
+    alerts.catch_up(&cfg).await;
+    assert_eq!(open("node").await?, 0);
+    assert_eq!(open("backlog").await?, 0);
+    assert_eq!(events("backlog").await?, ["backlog", "silenced"]);
+    let heal = [("n1".to_string(), Duration::from_millis(1))];
+    assert!(store.nodes_to_heal(&heal).await?.is_empty());
+
+    // The window ends with the node still down: node_down late, and the heal is due again.
+    sql.execute("UPDATE nodes SET maintenance_until = NULL", &[])
+        .await?;
+    assert_eq!(store.nodes_to_heal(&heal).await?, ["n1"]);
+    alerts.catch_up(&cfg).await;
+    assert_eq!(open("node").await?, 1);
+    // The node comes back and its node_up is lost: the catch-up closes the incident.
+    sql.execute("UPDATE nodes SET down_since = NULL", &[])
+        .await?;
+    alerts.catch_up(&cfg).await;
+    assert_eq!(open("node").await?, 0);
+    assert_eq!(events("node").await?, ["node_down", "node_up"]);
+
+    // A backlog flagged without its incident (alert lost) opens late; cleared, it closes.
+    sql.execute(
+        "UPDATE nodes SET backlog_alert_since = now() - interval '1 minute', backlog_results = 7",
+        &[],
+    )
+    .await?;
+    alerts.catch_up(&cfg).await;
+    assert_eq!(open("backlog").await?, 1);
+    sql.execute("UPDATE nodes SET backlog_alert_since = NULL", &[])
+        .await?;
+    alerts.catch_up(&cfg).await;
+    assert_eq!(open("backlog").await?, 0);
+    assert_eq!(
+        events("backlog").await?,
+        ["backlog", "silenced", "backlog", "backlog_cleared"]
+    );
+
+    // Stale during a maintenance window: nothing; still stale after it: late stale alert;
+    // fresh again with the fresh alert lost: closed.
+    sql.execute(
+        "UPDATE service_state SET stale_since = now() - interval '1 minute',
+                stale_reason = 'no result for 60 s', maintenance_until = now() + interval '1 hour'
+         WHERE service_id = 's1'",
+        &[],
+    )
+    .await?;
+    alerts.catch_up(&cfg).await;
+    assert_eq!(open("stale").await?, 0);
+    sql.execute(
+        "UPDATE service_state SET maintenance_until = NULL WHERE service_id = 's1'",
+        &[],
+    )
+    .await?;
+    alerts.catch_up(&cfg).await;
+    assert_eq!(open("stale").await?, 1);
+    sql.execute(
+        "UPDATE service_state SET stale_since = NULL WHERE service_id = 's1'",
+        &[],
+    )
+    .await?;
+    alerts.catch_up(&cfg).await;
+    assert_eq!(open("stale").await?, 0);
+    assert_eq!(events("stale").await?, ["stale", "fresh"]);
+
+    // A pause committed while the incident is being opened: the opening waits for it and
+    // is quiet (without the lock it would open and be silenced right after).
+    let mut pauser = db.connect().await?;
+    let tx = pauser.transaction().await?;
+    tx.execute(
+        "UPDATE service_state SET mode = 'paused' WHERE service_id = 's2'",
+        &[],
+    )
+    .await?;
+    let svc = cfg.service("s2").context("s2")?.clone();
+    let opening = {
+        let store = store.clone();
+        let receivers = vec!["webhook-1".to_string()];
+        tokio::spawn(async move {
+            store
+                .open_incident(&NewIncident {
+                    family: "service",
+                    node: "n1",
+                    service_id: Some("s2"),
+                    severity: "critical",
+                    event: "down",
+                    reason: "3 consecutive failures",
+                    payload: vigil_collector::notify::payload("down", "critical", &svc, "x"),
+                    receivers: &receivers,
+                    depends_on: &[],
+                    dependents: &[],
+                    settle: None,
+                })
+                .await
+        })
+    };
+    wait_for("the opening to wait for the pause", LIMIT, || {
+        let sql = &sql;
+        async move {
+            let waiting = count(
+                sql,
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'
+                 AND query LIKE '%FOR SHARE%'",
+            )
+            .await?;
+            Ok((waiting > 0).then_some(()))
+        }
+    })
+    .await?;
+    tx.commit().await?;
+    assert_eq!(opening.await??, Opened::Quiet("service is paused".into()));
+    sql.execute(
+        "UPDATE service_state SET mode = 'active' WHERE service_id = 's2'",
+        &[],
+    )
+    .await?;
+
+    // s2 down with an incident, then removed from the config: never reminded, closed.
+    alerts
+        .service_event(&cfg, cfg.service("s2").context("s2")?, "down", "down")
+        .await;
+    assert_eq!(open("service").await?, 1);
+    std::fs::remove_file(ws.path().join("services/s2.yaml"))?;
+    let cfg = Config::load(&path)?;
+    store.sync_config(&cfg).await?;
+    assert_eq!(
+        store.remind(Duration::ZERO).await?,
+        0,
+        "reminded once removed"
+    );
+    alerts.catch_up(&cfg).await;
+    assert_eq!(open("service").await?, 0);
+    assert_eq!(events("service").await?, ["down", "removed"]);
+
+    // Leases: worker 1's lease expires, worker 2 claims and delivers; worker 1's late failure
+    // is kept as an attempt and does not undo the delivery.
+    sql.execute("UPDATE alerts SET delivered_at = now()", &[])
+        .await?;
+    alerts
+        .node_event(&cfg, "n1", "node_down", "its agent disconnected")
+        .await;
+    let first = store.claim_alerts(10, Duration::ZERO).await?;
+    assert_eq!(first.len(), 1);
+    let second = wait_for("the lease to expire", LIMIT, || {
+        let store = store.clone();
+        async move {
+            let r = store.claim_alerts(10, Duration::from_secs(90)).await?;
+            Ok((!r.is_empty()).then_some(r))
+        }
+    })
+    .await?;
+    assert_eq!(second[0].id, first[0].id);
+    let attempt = |ok| Attempt {
+        ok,
+        http_status: None,
+        error: (!ok).then(|| "timed out".to_string()),
+        retry_in: Duration::from_secs(1),
+        give_up_after: Duration::from_secs(3600),
+    };
+    assert!(
+        store
+            .record_attempt(second[0].id, second[0].claimed_until, &attempt(true))
+            .await?
+    );
+    assert!(
+        !store
+            .record_attempt(first[0].id, first[0].claimed_until, &attempt(false))
+            .await?
+    );
+    let r = sql
+        .query_one(
+            "SELECT delivered_at IS NOT NULL, (SELECT count(*) FROM alert_attempts t
+                                               WHERE t.alert_id = a.id)
+             FROM alerts a WHERE id = $1",
+            &[&first[0].id],
+        )
+        .await?;
+    assert!(r.get::<_, bool>(0), "a late failure undid the delivery");
+    assert_eq!(r.get::<_, i64>(1), 2);
     Ok(())
 }

@@ -2,10 +2,12 @@
 //! deleted over the REST API and the CLI, bad windows refused with the field named, the role
 //! matrix, a short one-off window setting and clearing `service_state.maintenance_until` (and
 //! the API saying so), labels from a service file to the API, and a service that remediation gave
-//! up on shown in the API and in `vigil_service_gave_up`.
+//! up on shown in the API and in `vigil_service_gave_up`; a node in maintenance when a window
+//! names it or covers all its services; one-off windows long over deleted by the pass.
 
 use std::time::Duration;
 
+use anyhow::Context;
 use chrono::{DateTime, SubsecRound, Utc};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
@@ -545,5 +547,160 @@ async fn labels_round_trip_and_gave_up_is_visible() -> anyhow::Result<()> {
     }
     drop(agent);
     s.collector.shutdown().await;
+    Ok(())
+}
+
+/// The maintenance pass run directly on a store: a node is in maintenance (with a node event)
+/// while a window names it alone or every service of it is covered, not when only some are or a
+/// window names it with a category; one-off windows that ended more than 7 days ago are deleted
+/// (at most every 5 minutes), recent and recurring ones kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_maintenance_and_purge_of_old_windows() -> anyhow::Result<()> {
+    use vigil_collector::maintenance::{WindowSpec, apply};
+    init();
+    let db = pg::test_db().await?;
+    let ws = Workspace::new()?;
+    ws.issue("n1")?;
+    ws.write_service("web", WEB)?;
+    ws.write_service("db", DB)?;
+    let path = ws.write_collector(&db.url, &["n1", "n2"])?;
+    let cfg = Config::load(&path)?;
+    let store = vigil_collector::Store::connect(&db.url, 2).await?;
+    store.sync_config(&cfg).await?;
+    let sql = db.connect().await?;
+    let node_until = |name: &'static str| {
+        let sql = &sql;
+        async move {
+            let r = sql
+                .query_one(
+                    "SELECT maintenance_until > now() FROM nodes WHERE name = $1",
+                    &[&name],
+                )
+                .await?;
+            anyhow::Ok(r.get::<_, Option<bool>>(0).unwrap_or(false))
+        }
+    };
+    let now = Utc::now();
+    let once = |name: &str, from: DateTime<Utc>, to: DateTime<Utc>| WindowSpec {
+        name: name.into(),
+        from: Some(from),
+        to: Some(to),
+        ..Default::default()
+    };
+    let hour = chrono::Duration::hours(1);
+    let day = chrono::Duration::days(1);
+    let old = store
+        .create_maintenance(
+            &WindowSpec {
+                services: vec!["web".into()],
+                ..once("old", now - day * 9, now - day * 8)
+            },
+            "t",
+        )
+        .await?;
+    let recent = store
+        .create_maintenance(
+            &WindowSpec {
+                services: vec!["web".into()],
+                ..once("recent", now - day * 2, now - day)
+            },
+            "t",
+        )
+        .await?;
+    let daily = store
+        .create_maintenance(
+            &WindowSpec {
+                name: "nightly".into(),
+                recurrence: Some(vigil_collector::maintenance::Recurrence::Daily),
+                start: Some("03:00".into()),
+                duration: Some("1m".into()),
+                time_zone: Some("UTC".into()),
+                // A service not in the config: this window never changes who is covered.
+                services: vec!["gone".into()],
+                ..Default::default()
+            },
+            "t",
+        )
+        .await?;
+    // Only web covered: n1 is not in maintenance.
+    let web = store
+        .create_maintenance(
+            &WindowSpec {
+                services: vec!["web".into()],
+                ..once("web", now - hour, now + hour)
+            },
+            "t",
+        )
+        .await?;
+    // n1 named with a category: not the whole node either.
+    store
+        .create_maintenance(
+            &WindowSpec {
+                nodes: vec!["n1".into()],
+                categories: vec!["system".into()],
+                ..once("n1 system", now - hour, now + hour)
+            },
+            "t",
+        )
+        .await?;
+    apply(&store, &cfg).await?;
+    let ids: Vec<i64> = sql
+        .query("SELECT id FROM maintenance_windows ORDER BY id", &[])
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(!ids.contains(&old), "{ids:?}");
+    assert!(ids.contains(&recent) && ids.contains(&daily), "{ids:?}");
+    // web and db (system) are both covered now, by two windows: n1 is in maintenance.
+    assert!(node_until("n1").await?);
+    assert!(!node_until("n2").await?);
+    // Without the category window, only web is: n1 leaves maintenance.
+    let cat = *ids.last().context("ids")?;
+    store.delete_maintenance(cat).await?;
+    apply(&store, &cfg).await?;
+    assert!(!node_until("n1").await?);
+    // A window naming n2 alone covers n2, which has no service.
+    store
+        .create_maintenance(
+            &WindowSpec {
+                nodes: vec!["n2".into()],
+                ..once("n2", now - hour, now + hour)
+            },
+            "t",
+        )
+        .await?;
+    apply(&store, &cfg).await?;
+    assert!(node_until("n2").await?);
+    let kinds: Vec<(String, String)> = sql
+        .query(
+            "SELECT node, reason FROM node_events WHERE kind = 'maintenance' ORDER BY id",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(kinds.len(), 3, "{kinds:?}");
+    assert_eq!(kinds[0].0, "n1");
+    assert!(kinds[0].1.starts_with("maintenance started"), "{kinds:?}");
+    assert_eq!(
+        kinds[1],
+        ("n1".to_string(), "maintenance ended".to_string())
+    );
+    assert_eq!(kinds[2].0, "n2");
+    // The purge runs at most every 5 minutes: another old window stays for now.
+    let old2 = store
+        .create_maintenance(
+            &WindowSpec {
+                services: vec!["web".into()],
+                ..once("old2", now - day * 9, now - day * 8)
+            },
+            "t",
+        )
+        .await?;
+    apply(&store, &cfg).await?;
+    assert!(store.maintenance_window(old2).await?.is_some());
+    assert!(store.maintenance_window(web).await?.is_some());
     Ok(())
 }

@@ -194,7 +194,13 @@ pub fn severity_of(event: &str) -> &'static str {
 pub fn is_resolve(event: &str) -> bool {
     matches!(
         event,
-        "recovered" | "fresh" | "flapping_ended" | "node_up" | "backlog_cleared" | "silenced"
+        "recovered"
+            | "fresh"
+            | "flapping_ended"
+            | "node_up"
+            | "backlog_cleared"
+            | "silenced"
+            | "removed"
     )
 }
 
@@ -204,8 +210,17 @@ pub fn backoff(attempts: i32, max: Duration) -> Duration {
     Duration::from_secs(1u64 << exp.min(30)).min(max)
 }
 
-/// A worker's lease on a claimed alert row: longer than any receiver's timeout.
+/// A worker's lease on a claimed alert row: longer than any send may take ([`SEND_LIMIT`]).
 const LEASE: Duration = Duration::from_secs(90);
+/// The longest one send may take, whatever the receiver (an SMTP server's timeouts are per
+/// command): well inside the lease, so that no other worker claims the row meanwhile.
+pub const SEND_LIMIT: Duration = Duration::from_secs(LEASE.as_secs() - 15);
+/// A stale service, or a node's incident, is opened late only when its quiet condition
+/// (maintenance, pause, flapping, its node down) ended at least this long ago.
+const LATE_SETTLE: Duration = Duration::from_secs(10);
+/// A node down or a backlog without an incident this long is opened late (the node_down alert
+/// normally waits up to 4 s for the SSH heal).
+const NODE_GRACE: Duration = Duration::from_secs(15);
 /// Rows claimed at once (at most one per incident and receiver, sent concurrently).
 const CLAIM: i64 = 32;
 /// A down service without an incident gets one only when this long has passed since its
@@ -402,15 +417,60 @@ impl Alerts {
         }
     }
 
-    /// What the database says is due but no transition raised: incidents of services that went
-    /// quiet close as silenced; down services without an incident (their alert was held back
-    /// while flapping, paused or behind a dependency) open one; open service incidents of
-    /// services healthy again close.
+    /// What the database says is due but no transition raised: incidents of services (and
+    /// nodes) that went quiet close as silenced; incidents whose condition is over (fresh, node
+    /// up, backlog cleared: the closing transition was lost) or whose service or node was
+    /// removed from the config close; down services without an incident (their alert was held
+    /// back while flapping, paused or behind a dependency) open one, and so do stale services,
+    /// down nodes and backlogs whose alert was held back (maintenance, pause, node down) or
+    /// lost; open service incidents of services healthy again close.
     pub async fn catch_up(&self, cfg: &Config) {
         match self.store.silence_quiet_incidents().await {
             Ok(s) if !s.is_empty() => self.wake.notify_one(),
             Ok(_) => {}
             Err(e) => tracing::error!(error = %e, "alerts: cannot close silenced incidents"),
+        }
+        match self.store.close_settled_incidents().await {
+            Ok(closed) => {
+                for (key, event) in &closed {
+                    tracing::info!(incident = %key, event = %event, "incident closed by the catch-up");
+                }
+                if !closed.is_empty() {
+                    self.wake.notify_one();
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "alerts: cannot close settled incidents"),
+        }
+        match self
+            .store
+            .alert_catch_up_late(LATE_SETTLE, NODE_GRACE, cfg.checks_enabled())
+            .await
+        {
+            Ok(late) => {
+                for l in late {
+                    match (l.family, l.service_id.as_deref()) {
+                        ("stale", Some(id)) => {
+                            let Some(svc) = cfg.service(id) else { continue };
+                            tracing::warn!(service = %id, "stale without an incident: opening one");
+                            let reason = format!(
+                                "still stale after its alert was held back (maintenance, pause, flapping or its node down): {}",
+                                l.reason
+                            );
+                            self.service_event(cfg, svc, "stale", &reason).await;
+                        }
+                        ("node", None) => {
+                            tracing::warn!(node = %l.node, "node down without an incident: opening one");
+                            self.node_event(cfg, &l.node, "node_down", &l.reason).await;
+                        }
+                        ("backlog", None) => {
+                            tracing::warn!(node = %l.node, "backlog without an incident: opening one");
+                            self.node_event(cfg, &l.node, "backlog", &l.reason).await;
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "alerts: cannot read what to catch up on"),
         }
         let (down, healed) = match self.store.alert_catch_up(DEPENDENCY_SETTLE).await {
             Ok(x) => x,
@@ -522,7 +582,7 @@ impl Alerts {
                 async move {
                     let out = Outgoing::of(row);
                     let d = match receivers.get(&row.receiver) {
-                        Some(r) => r.send(&out).await,
+                        Some(r) => send_within(r.as_ref(), &out, SEND_LIMIT).await,
                         None => Delivery::failed(
                             None,
                             format!("receiver {:?} is not configured", row.receiver),
@@ -547,11 +607,35 @@ impl Alerts {
                     retry_in: backoff(row.attempts, max_backoff),
                     give_up_after,
                 };
-                if let Err(e) = self.store.record_attempt(row.id, &attempt).await {
-                    tracing::error!(alert = %row.uid, error = %e, "alerts: cannot record a delivery attempt");
+                match self
+                    .store
+                    .record_attempt(row.id, row.claimed_until, &attempt)
+                    .await
+                {
+                    Ok(true) => {}
+                    Ok(false) => tracing::warn!(alert = %row.uid, incident = row.incident_id,
+                        "alerts: the lease on this alert expired before its attempt was recorded; the attempt is kept, the row left to its new holder"),
+                    Err(e) => {
+                        tracing::error!(alert = %row.uid, error = %e, "alerts: cannot record a delivery attempt")
+                    }
                 }
             }
         }
+    }
+}
+
+/// One send, bounded by `limit` whatever the receiver does (a slow SMTP server can take each
+/// command's timeout in turn): past it, a failed attempt.
+pub async fn send_within(r: &dyn Receiver, out: &Outgoing, limit: Duration) -> Delivery {
+    match tokio::time::timeout(limit, r.send(out)).await {
+        Ok(d) => d,
+        Err(_) => Delivery::failed(
+            None,
+            format!(
+                "no answer within {} (the send was abandoned)",
+                humantime::format_duration(limit)
+            ),
+        ),
     }
 }
 
@@ -607,6 +691,35 @@ mod tests {
         }
         assert!(is_resolve("silenced") && is_resolve("recovered") && !is_resolve("reminder"));
         assert!(!is_resolve("gave_up"));
+    }
+
+    /// A receiver that never answers.
+    struct Hangs;
+    impl Receiver for Hangs {
+        fn send<'a>(&'a self, _: &'a Outgoing) -> futures::future::BoxFuture<'a, Delivery> {
+            Box::pin(futures::future::pending())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_send_that_hangs_fails_before_the_lease_ends() {
+        const { assert!(SEND_LIMIT.as_secs() + 10 <= LEASE.as_secs()) };
+        assert_eq!(humantime::format_duration(SEND_LIMIT).to_string(), "1m 15s");
+        let out = Outgoing {
+            id: "u".into(),
+            event: "down".into(),
+            body: serde_json::json!({}),
+        };
+        let d = send_within(&Hangs, &out, Duration::from_millis(100)).await;
+        assert!(!d.ok);
+        assert!(
+            d.error
+                .as_deref()
+                .unwrap_or("")
+                .contains("no answer within 100ms"),
+            "{:?}",
+            d.error
+        );
     }
 
     #[test]

@@ -556,6 +556,7 @@ mod tests {
             delivered_at: None,
             failed_at: None,
             last_error: None,
+            claimed_until: None,
             history: vec![],
         };
         Outgoing::of(&row)
@@ -621,6 +622,7 @@ mod tests {
             "node_up",
             "fresh",
             "backlog_cleared",
+            "removed",
         ] {
             let r = out(ev, "critical").pagerduty("KEY");
             assert_eq!(r["event_action"], "resolve", "{ev}");

@@ -48,6 +48,16 @@ pub enum Opened {
     Suppressed { by: String },
 }
 
+/// An incident to open late (see [`Store::alert_catch_up_late`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LateOpening {
+    /// `stale`, `node` or `backlog`.
+    pub family: &'static str,
+    pub node: String,
+    pub service_id: Option<String>,
+    pub reason: String,
+}
+
 /// The incident key of a family, node and service.
 pub fn incident_key(family: &str, node: &str, service: Option<&str>) -> String {
     format!("{family}:{node}:{}", service.unwrap_or(""))
@@ -122,6 +132,8 @@ pub struct AlertRow {
     pub delivered_at: Option<DateTime<Utc>>,
     pub failed_at: Option<DateTime<Utc>>,
     pub last_error: Option<String>,
+    /// A worker's lease on the row: nobody else sends it before then.
+    pub claimed_until: Option<DateTime<Utc>>,
     /// Every delivery attempt, oldest first (filled by [`Store::incident`] only).
     pub history: Vec<AttemptRow>,
 }
@@ -137,7 +149,7 @@ pub struct AttemptRow {
 
 const ALERT_COLUMNS: &str =
     "a.id, a.uid, a.incident_id, a.event, a.receiver, a.payload, a.created_at,
-    a.next_attempt_at, a.attempts, a.delivered_at, a.failed_at, a.last_error";
+    a.next_attempt_at, a.attempts, a.delivered_at, a.failed_at, a.last_error, a.claimed_until";
 
 fn alert_row(r: &tokio_postgres::Row) -> AlertRow {
     AlertRow {
@@ -153,6 +165,7 @@ fn alert_row(r: &tokio_postgres::Row) -> AlertRow {
         delivered_at: r.get(9),
         failed_at: r.get(10),
         last_error: r.get(11),
+        claimed_until: r.get(12),
         history: Vec::new(),
     }
 }
@@ -180,6 +193,9 @@ const ENQUEUE_FOLLOW_UP: &str = "INSERT INTO alerts (incident_id, event, receive
     WHERE a.incident_id = $1 ORDER BY a.receiver, a.id";
 
 /// Whether the service's alerts are silenced by the operator or a maintenance window; why.
+/// The row is locked (`FOR SHARE`) until the caller's transaction ends, so a pause or a
+/// maintenance window written meanwhile waits for the incident to be opened (and then closes it
+/// as silenced) instead of slipping in between this read and the incident's INSERT.
 async fn silenced_why(
     tx: &deadpool_postgres::Transaction<'_>,
     service_id: &str,
@@ -187,7 +203,7 @@ async fn silenced_why(
     let row = tx
         .query_opt(
             "SELECT mode, COALESCE(maintenance_until > now(), false), flapping
-             FROM service_state WHERE service_id = $1",
+             FROM service_state WHERE service_id = $1 FOR SHARE",
             &[&service_id],
         )
         .await?;
@@ -244,6 +260,20 @@ impl Store {
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
         let mut affected: Vec<String> = Vec::new();
+        if n.service_id.is_none() {
+            // A node's own incidents: quiet while the node is in maintenance (row locked like
+            // a service's, see `silenced_why`).
+            let maint = tx
+                .query_opt(
+                    "SELECT maintenance_until FROM nodes
+                     WHERE name = $1 AND maintenance_until > now() FOR SHARE",
+                    &[&n.node],
+                )
+                .await?;
+            if maint.is_some() {
+                return Ok(Opened::Quiet("node is in maintenance".into()));
+            }
+        }
         if let Some(svc) = n.service_id {
             if let Some((why, flapping)) = silenced_why(&tx, svc).await? {
                 if !why.is_empty() {
@@ -407,7 +437,8 @@ impl Store {
     }
 
     /// Enqueues a reminder for every open, unacknowledged incident whose last alert is `every`
-    /// old, unless its service is silenced (stopped, paused, maintenance) or flapping; one
+    /// old, unless its service is silenced (stopped, paused, maintenance) or flapping, its node
+    /// (node families) is in maintenance, or its service or node is gone from the config; one
     /// statement, so two collectors never remind twice. Returns how many incidents.
     pub async fn remind(&self, every: Duration) -> Result<u64, StoreError> {
         let every_ms = every.as_millis().min(i64::MAX as u128) as i64;
@@ -421,6 +452,12 @@ impl Store {
                      AND NOT EXISTS (SELECT 1 FROM service_state st WHERE st.service_id = i.service_id
                            AND (st.mode <> 'active' OR COALESCE(st.maintenance_until > now(), false)
                                 OR (st.flapping AND i.family <> 'flapping')))
+                     AND NOT (i.service_id IS NULL AND EXISTS (SELECT 1 FROM nodes n
+                           WHERE n.name = i.node AND n.maintenance_until > now()))
+                     AND (CASE WHEN i.service_id IS NULL
+                               THEN EXISTS (SELECT 1 FROM nodes n WHERE n.name = i.node AND n.active)
+                               ELSE EXISTS (SELECT 1 FROM services s WHERE s.id = i.service_id AND s.active)
+                          END)
                    RETURNING i.id, i.affected)
                  INSERT INTO alerts (incident_id, event, receiver, payload)
                  SELECT DISTINCT ON (a.incident_id, a.receiver) a.incident_id, 'reminder', a.receiver,
@@ -486,8 +523,159 @@ impl Store {
         Ok((down, healed))
     }
 
+    /// Incidents the transitions should have opened but did not (late rather than never): a
+    /// stale service (`on_stale: alert`, active, not flapping, neither it nor its node in
+    /// maintenance, its node not down) without an open stale incident, stale for `settle` and
+    /// with no mode, flapping or maintenance change within `settle` and no node up or node
+    /// maintenance change within the longer of `settle` and its `stale_after` (a node back
+    /// gets time to deliver); a node down for `grace` (its own alert waits for the SSH heal)
+    /// and a node backlog open for `grace`, neither in maintenance (nor out of it for less than
+    /// `settle`) and without an open incident. Stale services only with `stale` set.
+    pub async fn alert_catch_up_late(
+        &self,
+        settle: Duration,
+        grace: Duration,
+        stale: bool,
+    ) -> Result<Vec<LateOpening>, StoreError> {
+        let settle_ms = settle.as_millis().min(i64::MAX as u128) as f64;
+        let grace_ms = grace.as_millis().min(i64::MAX as u128) as f64;
+        let client = self.pool.get().await?;
+        let mut out = Vec::new();
+        if stale {
+            let rows = client
+                .query(
+                    "SELECT st.service_id, s.node, COALESCE(st.stale_reason, 'no recent result')
+                     FROM service_state st JOIN services s ON s.id = st.service_id
+                     LEFT JOIN nodes n ON n.name = s.node
+                     WHERE s.active AND s.on_stale = 'alert'
+                       AND st.stale_since < now() - $1 * interval '1 millisecond'
+                       AND st.mode = 'active' AND NOT st.flapping
+                       AND NOT COALESCE(st.maintenance_until > now(), false)
+                       AND n.down_since IS NULL
+                       AND NOT COALESCE(n.maintenance_until > now(), false)
+                       AND NOT EXISTS (SELECT 1 FROM incidents i WHERE i.resolved_at IS NULL
+                                       AND i.service_id = st.service_id AND i.family = 'stale')
+                       AND NOT EXISTS (SELECT 1 FROM events e WHERE e.service_id = st.service_id
+                                       AND e.kind IN ('mode', 'flapping', 'maintenance')
+                                       AND e.at > now() - $1 * interval '1 millisecond')
+                       AND NOT EXISTS (SELECT 1 FROM node_events ne WHERE ne.node = s.node
+                                       AND ne.kind IN ('up', 'maintenance')
+                                       AND ne.at > now() - GREATEST($1, s.stale_after_ms)
+                                                           * interval '1 millisecond')
+                     ORDER BY st.service_id",
+                    &[&settle_ms],
+                )
+                .await?;
+            out.extend(rows.iter().map(|r| LateOpening {
+                family: "stale",
+                service_id: Some(r.get(0)),
+                node: r.get(1),
+                reason: r.get(2),
+            }));
+        }
+        let rows = client
+            .query(
+                "SELECT 'node', n.name, COALESCE(n.down_reason, 'its agent is not heard from')
+                 FROM nodes n
+                 WHERE n.active AND n.has_agent
+                   AND n.down_since < now() - $2 * interval '1 millisecond'
+                   AND NOT COALESCE(n.maintenance_until > now(), false)
+                   AND NOT EXISTS (SELECT 1 FROM incidents i WHERE i.resolved_at IS NULL
+                                   AND i.service_id IS NULL AND i.node = n.name AND i.family = 'node')
+                   AND NOT EXISTS (SELECT 1 FROM node_events ne WHERE ne.node = n.name
+                                   AND ne.kind = 'maintenance'
+                                   AND ne.at > now() - $1 * interval '1 millisecond')
+                 UNION ALL
+                 SELECT 'backlog', n.name,
+                        format('%s result(s) waiting on the node, the oldest for %s s',
+                               COALESCE(n.backlog_results, 0),
+                               COALESCE(floor(extract(epoch FROM now() - n.backlog_oldest_at))::bigint, 0))
+                 FROM nodes n
+                 WHERE n.active AND n.down_since IS NULL
+                   AND n.backlog_alert_since < now() - $2 * interval '1 millisecond'
+                   AND NOT COALESCE(n.maintenance_until > now(), false)
+                   AND NOT EXISTS (SELECT 1 FROM incidents i WHERE i.resolved_at IS NULL
+                                   AND i.service_id IS NULL AND i.node = n.name AND i.family = 'backlog')
+                   AND NOT EXISTS (SELECT 1 FROM node_events ne WHERE ne.node = n.name
+                                   AND ne.kind = 'maintenance'
+                                   AND ne.at > now() - $1 * interval '1 millisecond')
+                 ORDER BY 1, 2",
+                &[&settle_ms, &grace_ms],
+            )
+            .await?;
+        out.extend(rows.iter().map(|r| LateOpening {
+            family: if r.get::<_, &str>(0) == "node" {
+                "node"
+            } else {
+                "backlog"
+            },
+            service_id: None,
+            node: r.get(1),
+            reason: r.get(2),
+        }));
+        Ok(out)
+    }
+
+    /// Closes, in one transaction, the open incidents the database says are over although no
+    /// transition closed them (a lost `fresh`, `node_up` or `backlog_cleared`: a collector that
+    /// crashed between its commit and the alert's), and those of services or nodes removed from
+    /// the config; each gets its closing alert. Returns (incident key, event) of each.
+    pub async fn close_settled_incidents(&self) -> Result<Vec<(String, String)>, StoreError> {
+        const CLOSES: [(&str, &str, &str, &str); 4] = [
+            (
+                "removed",
+                "removed from the config",
+                "removed from the config",
+                "(i.service_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM services s
+                   WHERE s.id = i.service_id AND s.active))
+                 OR (i.service_id IS NULL AND NOT EXISTS (SELECT 1 FROM nodes n
+                   WHERE n.name = i.node AND n.active))",
+            ),
+            (
+                "fresh",
+                "a result arrived again",
+                "a result arrived again",
+                "i.family = 'stale' AND EXISTS (SELECT 1 FROM service_state st
+                   WHERE st.service_id = i.service_id AND st.stale_since IS NULL)",
+            ),
+            (
+                "node_up",
+                "node up",
+                "its agent is heard from again",
+                "i.family = 'node' AND i.service_id IS NULL AND EXISTS (SELECT 1 FROM nodes n
+                   WHERE n.name = i.node AND n.down_since IS NULL)",
+            ),
+            (
+                "backlog_cleared",
+                "backlog cleared",
+                "the backlog is gone",
+                "i.family = 'backlog' AND i.service_id IS NULL AND EXISTS (SELECT 1 FROM nodes n
+                   WHERE n.name = i.node AND n.backlog_alert_since IS NULL)",
+            ),
+        ];
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        let mut out = Vec::new();
+        for (event, resolution, reason, cond) in CLOSES {
+            let sql = format!(
+                "UPDATE incidents i SET resolved_at = now(), resolution = $1
+                 WHERE i.resolved_at IS NULL AND ({cond}) RETURNING i.id, i.key"
+            );
+            let rows = tx.query(&sql, &[&resolution]).await?;
+            for r in &rows {
+                let id: i64 = r.get(0);
+                tx.execute(ENQUEUE_FOLLOW_UP, &[&id, &event, &reason])
+                    .await?;
+                out.push((r.get(1), event.to_string()));
+            }
+        }
+        tx.commit().await?;
+        Ok(out)
+    }
+
     /// Closes the open incidents of services that are stopped, paused or in maintenance (a mode
-    /// set without [`silence_in`], or a maintenance window that began), with a `silenced` alert.
+    /// set without [`silence_in`], or a maintenance window that began), and the node incidents
+    /// of nodes in maintenance, with a `silenced` alert. Returns the services and nodes.
     pub async fn silence_quiet_incidents(&self) -> Result<Vec<String>, StoreError> {
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
@@ -507,8 +695,35 @@ impl Store {
         for (s, why) in &services {
             silence_in(&tx, s, why).await?;
         }
+        let nodes: Vec<(i64, String)> = tx
+            .query(
+                "UPDATE incidents i SET resolved_at = now(), resolution = 'maintenance window'
+                 WHERE i.resolved_at IS NULL AND i.service_id IS NULL
+                   AND EXISTS (SELECT 1 FROM nodes n WHERE n.name = i.node
+                               AND n.maintenance_until > now())
+                 RETURNING i.id, i.node",
+                &[],
+            )
+            .await?
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        for (id, _) in &nodes {
+            tx.execute(ENQUEUE_FOLLOW_UP, &[id, &"silenced", &"maintenance window"])
+                .await?;
+        }
         tx.commit().await?;
-        Ok(services.into_iter().map(|(s, _)| s).collect())
+        if !nodes.is_empty() {
+            tracing::info!(
+                incidents = nodes.len(),
+                "node incidents closed: node in maintenance"
+            );
+        }
+        Ok(services
+            .into_iter()
+            .map(|(s, _)| s)
+            .chain(nodes.into_iter().map(|(_, n)| n))
+            .collect())
     }
 
     /// Claims up to `limit` due alert rows for `lease` (rows whose earlier rows for the same
@@ -546,8 +761,17 @@ impl Store {
     }
 
     /// Records a delivery attempt of a claimed row and releases it: delivered, due again after
-    /// `retry_in`, or given up when older than `give_up_after`.
-    pub async fn record_attempt(&self, id: i64, a: &Attempt) -> Result<(), StoreError> {
+    /// `retry_in`, or given up when older than `give_up_after` — only while this worker still
+    /// holds the lease it took (`claimed_until` as [`Store::claim_alerts`] returned it) and the
+    /// row is not delivered: a late outcome after the lease expired (another worker may have
+    /// claimed and delivered it) is kept in the attempts and changes nothing else. Returns
+    /// whether the row was updated.
+    pub async fn record_attempt(
+        &self,
+        id: i64,
+        claimed_until: Option<DateTime<Utc>>,
+        a: &Attempt,
+    ) -> Result<bool, StoreError> {
         let retry_ms = a.retry_in.as_millis().min(i64::MAX as u128) as i64;
         let give_up_ms = a.give_up_after.as_millis().min(i64::MAX as u128) as i64;
         let mut client = self.pool.get().await?;
@@ -557,19 +781,21 @@ impl Store {
             &[&id, &a.ok, &a.http_status, &a.error],
         )
         .await?;
-        tx.execute(
-            "UPDATE alerts SET claimed_until = NULL,
+        let n = tx
+            .execute(
+                "UPDATE alerts SET claimed_until = NULL,
                 delivered_at = CASE WHEN $2 THEN now() END,
                 last_error = $3,
                 next_attempt_at = now() + make_interval(secs => $4::bigint / 1000.0),
                 failed_at = CASE WHEN NOT $2 AND created_at <= now() - make_interval(secs => $5::bigint / 1000.0)
                                  THEN now() END
-             WHERE id = $1",
-            &[&id, &a.ok, &a.error, &retry_ms, &give_up_ms],
-        )
-        .await?;
+             WHERE id = $1 AND delivered_at IS NULL AND failed_at IS NULL
+               AND claimed_until = $6",
+                &[&id, &a.ok, &a.error, &retry_ms, &give_up_ms, &claimed_until],
+            )
+            .await?;
         tx.commit().await?;
-        Ok(())
+        Ok(n == 1)
     }
 
     /// Incidents, newest first: open or closed only, of one service only.

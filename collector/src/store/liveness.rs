@@ -52,7 +52,8 @@ pub struct OutboxStatus {
 pub struct NodeEventRow {
     pub id: i64,
     pub at: DateTime<Utc>,
-    /// down | up | gap | dropped | refused | backlog | backlog_cleared | agent_restart
+    /// down | up | gap | dropped | refused | backlog | backlog_cleared | agent_heal |
+    /// maintenance
     pub kind: String,
     pub reason: String,
     /// Results concerned (gap, dropped, refused), else 0.
@@ -439,7 +440,7 @@ impl Store {
     }
 
     /// Nodes down since before `retry` ago whose agent was not checked over SSH within `retry`
-    /// (the first check runs when the node goes down).
+    /// (the first check runs when the node goes down), and that are not in maintenance.
     pub async fn nodes_to_heal(
         &self,
         retry: &[(String, std::time::Duration)],
@@ -458,6 +459,7 @@ impl Store {
                 "SELECT n.name FROM nodes n
                  JOIN UNNEST($1::text[], $2::float8[]) AS r(name, ms) ON r.name = n.name
                  WHERE n.down_since < now() - r.ms * interval '1 millisecond'
+                   AND NOT COALESCE(n.maintenance_until > now(), false)
                    AND NOT EXISTS (SELECT 1 FROM node_events e
                                    WHERE e.node = n.name AND e.kind = 'agent_heal'
                                      AND e.at > now() - r.ms * interval '1 millisecond')",

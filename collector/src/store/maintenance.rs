@@ -1,6 +1,7 @@
-//! SQL of maintenance windows: the stored windows, the set-based statement that writes which
-//! services are in maintenance (with an event per service entering or leaving it), the
-//! "in maintenance" lookup remediation and alerts use, and the gave-up flags for metrics.
+//! SQL of maintenance windows: the stored windows (and the purge of one-off windows long over),
+//! the set-based statements that write which services and nodes are in maintenance (with an
+//! event per service or node entering or leaving it), the "in maintenance" lookups remediation,
+//! alerts and the agent heal use, and the gave-up flags for metrics.
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -174,6 +175,81 @@ impl Store {
                 window_id: r.get(1),
                 until: r.get(2),
             })
+            .collect())
+    }
+
+    /// Makes `nodes.maintenance_until` say exactly `covered` (node, until); every other node
+    /// leaves maintenance. One statement that locks and compares the rows, with a node event
+    /// `maintenance` for each node that enters or leaves maintenance. Returns those transitions
+    /// (until `None`: left).
+    pub async fn apply_node_maintenance(
+        &self,
+        covered: &[(String, DateTime<Utc>)],
+    ) -> Result<Vec<(String, Option<DateTime<Utc>>)>, StoreError> {
+        let names: Vec<&str> = covered.iter().map(|(n, _)| n.as_str()).collect();
+        let untils: Vec<DateTime<Utc>> = covered.iter().map(|(_, u)| *u).collect();
+        let client = self.pool.get().await?;
+        let rows = client
+            .query(
+                "WITH cover AS (
+                    SELECT * FROM unnest($1::text[], $2::timestamptz[]) AS c(name, until)
+                 ), old AS (
+                    SELECT n.name, n.maintenance_until AS old_until, c.until
+                    FROM nodes n LEFT JOIN cover c ON c.name = n.name
+                    WHERE n.maintenance_until IS DISTINCT FROM c.until
+                    FOR UPDATE OF n
+                 ), changed AS (
+                    UPDATE nodes n SET maintenance_until = old.until
+                    FROM old WHERE n.name = old.name
+                    RETURNING n.name, old.old_until, old.until
+                 ), logged AS (
+                    INSERT INTO node_events (node, kind, reason)
+                    SELECT name, 'maintenance', CASE WHEN until IS NULL THEN 'maintenance ended'
+                        ELSE 'maintenance started, until '
+                             || to_char(until AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS \"UTC\"') END
+                    FROM changed WHERE (old_until IS NULL) <> (until IS NULL)
+                 )
+                 SELECT name, until FROM changed
+                 WHERE (old_until IS NULL) <> (until IS NULL) ORDER BY name",
+                &[&names, &untils],
+            )
+            .await?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
+    /// Until when `node` is in maintenance (`nodes.maintenance_until > now()`), if it is.
+    pub async fn node_in_maintenance(
+        &self,
+        node: &str,
+    ) -> Result<Option<DateTime<Utc>>, StoreError> {
+        let client = self.pool.get().await?;
+        Ok(client
+            .query_opt(
+                "SELECT maintenance_until FROM nodes WHERE name = $1 AND maintenance_until > now()",
+                &[&node],
+            )
+            .await?
+            .map(|r| r.get(0)))
+    }
+
+    /// Deletes the one-off windows that ended more than `older_than` ago; returns their names.
+    pub async fn purge_ended_maintenance(
+        &self,
+        older_than: std::time::Duration,
+    ) -> Result<Vec<String>, StoreError> {
+        let ms = older_than.as_millis().min(i64::MAX as u128) as f64;
+        let client = self.pool.get().await?;
+        Ok(client
+            .query(
+                "DELETE FROM maintenance_windows
+                 WHERE NOT (spec ? 'recurrence') AND spec ? 'to'
+                   AND (spec->>'to')::timestamptz < now() - $1 * interval '1 millisecond'
+                 RETURNING name",
+                &[&ms],
+            )
+            .await?
+            .iter()
+            .map(|r| r.get(0))
             .collect())
     }
 
