@@ -182,6 +182,15 @@ impl Rig {
         )
     }
 
+    /// Starts the collector and the agent; returns them once the agent is connected.
+    async fn up(&self) -> anyhow::Result<(Proc, Proc)> {
+        let collector = self.collector()?;
+        let t0 = Utc::now();
+        let agent = self.agent()?;
+        self.connected_since(t0).await?;
+        Ok((collector, agent))
+    }
+
     /// Waits until the agent has said Hello to a collector after `since`.
     async fn connected_since(&self, since: DateTime<Utc>) -> anyhow::Result<()> {
         wait_for("the agent connected", LIMIT, || async move {
@@ -280,10 +289,7 @@ impl Rig {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn collector_killed_after_the_row_is_written() -> anyhow::Result<()> {
     let rig = Rig::new().await?;
-    let collector = rig.collector()?;
-    let t0 = Utc::now();
-    let _agent = rig.agent()?;
-    rig.connected_since(t0).await?;
+    let (collector, _agent) = rig.up().await?;
     collector.kill9().await?;
     let id = rig.request("auto").await?;
     rig.open_gate()?;
@@ -308,10 +314,7 @@ async fn collector_killed_after_the_row_is_written() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn collector_killed_after_it_sent_the_command() -> anyhow::Result<()> {
     let rig = Rig::new().await?;
-    let collector = rig.collector()?;
-    let t0 = Utc::now();
-    let agent = rig.agent()?;
-    rig.connected_since(t0).await?;
+    let (collector, agent) = rig.up().await?;
     rig.open_gate()?;
     agent.signal(Signal::SIGSTOP)?;
     let id = rig.request("manual").await?;
@@ -336,10 +339,7 @@ async fn collector_killed_after_it_sent_the_command() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn collector_killed_while_the_command_runs() -> anyhow::Result<()> {
     let rig = Rig::new().await?;
-    let collector = rig.collector()?;
-    let t0 = Utc::now();
-    let agent = rig.agent()?;
-    rig.connected_since(t0).await?;
+    let (collector, agent) = rig.up().await?;
     let id = rig.request("manual").await?;
     rig.running().await?;
     collector.kill9().await?;
@@ -374,10 +374,7 @@ async fn collector_killed_while_the_command_runs() -> anyhow::Result<()> {
 async fn collector_killed_after_the_command_finished_before_the_outcome_is_stored()
 -> anyhow::Result<()> {
     let rig = Rig::new().await?;
-    let collector = rig.collector()?;
-    let t0 = Utc::now();
-    let agent = rig.agent()?;
-    rig.connected_since(t0).await?;
+    let (collector, agent) = rig.up().await?;
     let id = rig.request("manual").await?;
     rig.running().await?;
     collector.signal(Signal::SIGSTOP)?;
@@ -408,10 +405,7 @@ async fn collector_killed_after_the_command_finished_before_the_outcome_is_store
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_killed_while_the_command_runs() -> anyhow::Result<()> {
     let rig = Rig::new().await?;
-    let collector = rig.collector()?;
-    let t0 = Utc::now();
-    let agent = rig.agent()?;
-    rig.connected_since(t0).await?;
+    let (collector, agent) = rig.up().await?;
     let id = rig.request("manual").await?;
     rig.running().await?;
     agent.kill9().await?;
@@ -433,10 +427,7 @@ async fn agent_killed_while_the_command_runs() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn paused_during_an_automatic_restart_in_flight_is_not_run_again() -> anyhow::Result<()> {
     let rig = Rig::new().await?;
-    let collector = rig.collector()?;
-    let t0 = Utc::now();
-    let _agent = rig.agent()?;
-    rig.connected_since(t0).await?;
+    let (collector, _agent) = rig.up().await?;
     let id = rig.request("auto").await?;
     rig.running().await?;
     collector.kill9().await?;
@@ -483,10 +474,7 @@ async fn paused_during_an_automatic_restart_in_flight_is_not_run_again() -> anyh
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_due_while_the_agent_is_frozen_runs_once_after_it_resumes() -> anyhow::Result<()> {
     let rig = Rig::new().await?;
-    let collector = rig.collector()?;
-    let t0 = Utc::now();
-    let agent = rig.agent()?;
-    rig.connected_since(t0).await?;
+    let (collector, agent) = rig.up().await?;
     rig.open_gate()?;
     agent.signal(Signal::SIGSTOP)?;
     let id = rig.request("manual").await?;
