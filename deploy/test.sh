@@ -40,6 +40,8 @@ needed=(
     "runuser:util-linux"
     "chromium:chromium"
     "chromedriver:chromium-driver"
+    # Prometheus' own checker of /metrics (tests/tests/metrics.rs).
+    "promtool:prometheus"
 )
 missing=()
 for pair in "${needed[@]}"; do

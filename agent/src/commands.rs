@@ -422,7 +422,8 @@ async fn carry_out(
             CommandResult {
                 command_id: cmd.command_id.clone(),
                 success: true,
-                exit_code: -1,
+                // The check's program's exit code as it was (-1: the kind runs no program).
+                exit_code: result.exit_code.unwrap_or(-1),
                 output: format!("{status}: {}", result.message),
                 duration_ms: millis(received.elapsed()),
                 timed_out: false,
@@ -613,6 +614,7 @@ mod tests {
         commands.spawn(command("k", "svc", "check", String::new()));
         let r = reply(&mut rx).await;
         assert!(r.success, "{r:?}");
+        assert_eq!(r.exit_code, 0, "the plugin's exit code as it was");
         assert!(r.output.starts_with("OK"), "{}", r.output);
         let check = r.check.expect("no check result");
         assert_eq!(check.seq, 0);

@@ -23,6 +23,15 @@ struct Args {
         global = true
     )]
     config: PathBuf,
+    /// Log format: text (for people; colours only on a terminal) or json (one object per line).
+    #[arg(
+        long,
+        value_enum,
+        env = "VIGIL_LOG_FORMAT",
+        default_value = "text",
+        global = true
+    )]
+    log_format: vigil_log::LogFormat,
     /// Without a command: run the agent.
     #[command(subcommand)]
     command: Option<Command>,
@@ -41,13 +50,7 @@ fn main() -> ExitCode {
     if let Some(Command::Doctor) = args.command {
         return doctor(&args.config);
     }
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+    vigil_log::init(args.log_format);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {

@@ -480,6 +480,8 @@ pub(crate) fn to_result(
         metrics: outcome.metrics.iter().cloned().map(Into::into).collect(),
         output: outcome.output.clone(),
         config_version,
+        exit_code: outcome.exit_code,
+        duration_us: u64::try_from(outcome.duration.as_micros()).unwrap_or(u64::MAX),
     }
 }
 

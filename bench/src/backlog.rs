@@ -188,6 +188,8 @@ pub async fn run(cli: &Cli, pg: &Pg) -> anyhow::Result<String> {
         metrics: outcome.metrics.iter().cloned().map(Into::into).collect(),
         output: outcome.output.clone(),
         config_version: 1,
+        exit_code: None,
+        duration_us: 0,
     };
     let state_dir = ws.join(format!("agent-{node}"));
     let filled = {

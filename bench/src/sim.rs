@@ -125,6 +125,8 @@ pub fn result(
         }],
         output: String::new(),
         config_version,
+        exit_code: None,
+        duration_us: 0,
     }
 }
 

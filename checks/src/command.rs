@@ -192,6 +192,10 @@ impl CommandCheck {
             first_stderr_line.map(|l| format!("(stderr) {l}"))
         };
 
+        let exit_code = match &ended {
+            Ended::Exited(es) => es.code(),
+            _ => None,
+        };
         let (status, message) = match ended {
             Ended::TimedOut => {
                 let took = humantime::format_duration(round_ms(start.elapsed()));
@@ -220,6 +224,7 @@ impl CommandCheck {
             metrics: parsed.metrics,
             output: crate::excerpt(&excerpt, MAX_OUTPUT_BYTES),
             duration: start.elapsed(),
+            exit_code,
         }
     }
 
@@ -395,6 +400,7 @@ mod tests {
             );
             let o = run(&[&p], Duration::from_secs(10)).await;
             assert_eq!(o.status, status, "exit {code}: {o:?}");
+            assert_eq!(o.exit_code, Some(code), "the exit code as it was");
             if code <= 3 {
                 assert_eq!(o.message, format!("STATE {code}"));
             } else {

@@ -254,6 +254,7 @@ impl DockerCheck {
             metrics,
             output: String::new(),
             duration: Duration::ZERO,
+            exit_code: None,
         }
     }
 }

@@ -468,6 +468,7 @@ impl GpuCheck {
             metrics,
             output: summary,
             duration: Duration::ZERO,
+            exit_code: None,
         }
     }
 }

@@ -185,6 +185,7 @@ impl GrpcCheck {
             metrics,
             output: String::new(),
             duration: Duration::ZERO,
+            exit_code: None,
         }
     }
 }

@@ -420,6 +420,7 @@ impl HttpCheck {
             metrics,
             output: excerpt(&text, MAX_OUTPUT_BYTES),
             duration: Duration::ZERO,
+            exit_code: None,
         }
     }
 

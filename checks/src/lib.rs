@@ -86,6 +86,9 @@ pub struct Outcome {
     /// Wall time the check took.
     #[serde(with = "humantime_serde")]
     pub duration: Duration,
+    /// Exit code of the program the check ran (`command` checks), if it exited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
 }
 
 impl Outcome {
@@ -96,6 +99,7 @@ impl Outcome {
             metrics: Vec::new(),
             output: String::new(),
             duration: Duration::ZERO,
+            exit_code: None,
         }
     }
 }

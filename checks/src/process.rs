@@ -259,6 +259,7 @@ impl ProcessCheck {
             metrics: vec![count, Metric::new("rss", rss as f64, "B")],
             output,
             duration: Duration::ZERO,
+            exit_code: None,
         }
     }
 }

@@ -482,6 +482,7 @@ impl SystemCheck {
             metrics: r.metrics,
             output: r.summary.join("\n"),
             duration: Duration::ZERO,
+            exit_code: None,
         }
     }
 }

@@ -162,6 +162,7 @@ impl SystemdCheck {
             metrics,
             output: String::new(),
             duration: Duration::ZERO,
+            exit_code: None,
         }
     }
 }

@@ -90,6 +90,7 @@ impl TcpCheck {
             metrics,
             output: String::new(),
             duration: start.elapsed(),
+            exit_code: None,
         }
     }
 }

@@ -79,6 +79,8 @@ pub fn result_of(
         metrics: o.metrics.into_iter().map(Into::into).collect(),
         output: o.output,
         config_version: 0,
+        exit_code: o.exit_code,
+        duration_us: u64::try_from(o.duration.as_micros()).unwrap_or(u64::MAX),
     });
     r.started_at = started_at;
     r

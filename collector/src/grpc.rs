@@ -235,6 +235,7 @@ pub fn result_in(mut r: v1::CheckResult) -> ResultIn {
     vigil_proto::sanitize::result(&mut r);
     let metrics: Vec<vigil_checks::Metric> = r.metrics.into_iter().map(Into::into).collect();
     ResultIn {
+        duration_us: r.duration_us,
         seq: r.seq,
         started_at: Utc
             .timestamp_millis_opt(r.started_at_ms)
@@ -601,7 +602,12 @@ async fn ingest(hub: &Hub, node: &str, batch: v1::ResultBatch, tx: &Tx) -> Resul
         let kind = cfg
             .service(&r.service_id)
             .map_or("unknown", |s| s.check.kind.name());
-        hub.metrics.observe_check(kind, r.duration_ms);
+        let took = if r.duration_us > 0 {
+            Duration::from_micros(r.duration_us)
+        } else {
+            Duration::from_millis(u64::from(r.duration_ms))
+        };
+        hub.metrics.observe_check(kind, took);
     }
     tracing::debug!(
         %node, inserted = report.inserted, duplicates = report.duplicates,

@@ -17,6 +17,16 @@ static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[derive(Parser)]
 #[command(version, about, long_about = None)]
 struct Cli {
+    /// Log format: text (for people; colours only on a terminal) or json (one object per line,
+    /// for log shippers).
+    #[arg(
+        long,
+        value_enum,
+        env = "VIGIL_LOG_FORMAT",
+        default_value = "text",
+        global = true
+    )]
+    log_format: vigil_log::LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -229,22 +239,13 @@ enum CaCommand {
     },
 }
 
-fn init_tracing() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let cli = Cli::parse();
     match cli.command {
         Command::Serve { config } => {
-            init_tracing();
+            vigil_log::init(cli.log_format);
             serve(config).await
         }
         Command::Status { config } => {

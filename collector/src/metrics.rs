@@ -44,6 +44,54 @@ use crate::store::IngestReport;
 
 /// The content type of the exposition `prometheus_client::encoding::text` writes.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// The Prometheus text format, for scrapers that do not ask for OpenMetrics.
+pub const TEXT_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// Whether a scraper's `Accept` header asks for OpenMetrics (Prometheus does; curl and most
+/// other tools get the classic text format).
+pub fn wants_openmetrics(accept: Option<&str>) -> bool {
+    accept.is_some_and(|a| {
+        a.split(',').any(|part| {
+            let mut fields = part.split(';').map(str::trim);
+            let media = fields.next().unwrap_or("");
+            let refused = fields.any(|f| {
+                f.strip_prefix("q=")
+                    .and_then(|q| q.trim().parse::<f32>().ok())
+                    .is_some_and(|q| q <= 0.0)
+            });
+            media.eq_ignore_ascii_case("application/openmetrics-text") && !refused
+        })
+    })
+}
+
+/// OpenMetrics text as the Prometheus text format 0.0.4: a counter family `x` is announced as
+/// `x_total` (its samples already are), and the `# UNIT` and `# EOF` lines go.
+pub fn to_text_004(openmetrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|rest| rest.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|prefix| {
+            let rest = line.strip_prefix(prefix)?;
+            let (name, tail) = rest.split_once(' ')?;
+            counters
+                .contains(name)
+                .then(|| format!("{prefix}{name}_total {tail}"))
+        });
+        match renamed {
+            Some(l) => out.push_str(&l),
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
+}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ServiceLabels {
@@ -297,12 +345,12 @@ impl Metrics {
     }
 
     /// Records the run time of one check result of the given kind.
-    pub fn observe_check(&self, kind: &str, duration_ms: u32) {
+    pub fn observe_check(&self, kind: &str, duration: std::time::Duration) {
         self.check_duration
             .get_or_create(&KindLabels {
                 kind: kind.to_string(),
             })
-            .observe(f64::from(duration_ms) / 1000.0);
+            .observe(duration.as_secs_f64());
     }
 
     /// Records how long storing one batch took.
@@ -452,11 +500,17 @@ async fn scrape(State(hub): State<Arc<Hub>>, headers: HeaderMap) -> Response {
         )
             .into_response();
     }
-    (
-        [(header::CONTENT_TYPE, CONTENT_TYPE)],
-        hub.metrics.scrape(&hub.store).await,
-    )
-        .into_response()
+    let text = hub.metrics.scrape(&hub.store).await;
+    let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
+    if wants_openmetrics(accept) {
+        ([(header::CONTENT_TYPE, CONTENT_TYPE)], text).into_response()
+    } else {
+        (
+            [(header::CONTENT_TYPE, TEXT_CONTENT_TYPE)],
+            to_text_004(&text),
+        )
+            .into_response()
+    }
 }
 
 /// The `/metrics` endpoint (bearer token required when `metrics.bearer_token_file` is set).
@@ -475,7 +529,7 @@ mod tests {
         let m = Metrics::new();
         m.set_service_up("web", "n1", "web", true);
         m.set_service_up("db", "n1", "database", false);
-        m.observe_check("http", 250);
+        m.observe_check("http", std::time::Duration::from_millis(250));
         m.observe_ingest_batch(std::time::Duration::from_millis(3));
         m.count_results(5, 2);
         m.set_agents_connected(2);
@@ -557,5 +611,23 @@ mod tests {
         assert!(!authorized(&with("Basic s3cret"), "s3cret"));
         assert!(!authorized(&with("s3cret"), "s3cret"));
         assert!(!authorized(&HeaderMap::new(), "s3cret"));
+    }
+
+    #[test]
+    fn openmetrics_only_when_asked_and_counters_renamed_for_the_text_format() {
+        assert!(!wants_openmetrics(None));
+        assert!(!wants_openmetrics(Some("*/*")));
+        assert!(!wants_openmetrics(Some("text/plain;version=0.0.4")));
+        assert!(wants_openmetrics(Some(
+            "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5"
+        )));
+        assert!(!wants_openmetrics(Some("application/openmetrics-text;q=0")));
+        let om = "# HELP vigil_x Things.\n# TYPE vigil_x counter\nvigil_x_total 3\n\
+                  # HELP vigil_up Up.\n# TYPE vigil_up gauge\n# UNIT vigil_up seconds\nvigil_up 1\n# EOF\n";
+        assert_eq!(
+            to_text_004(om),
+            "# HELP vigil_x_total Things.\n# TYPE vigil_x_total counter\nvigil_x_total 3\n\
+             # HELP vigil_up Up.\n# TYPE vigil_up gauge\nvigil_up 1\n"
+        );
     }
 }

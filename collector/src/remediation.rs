@@ -475,6 +475,7 @@ async fn run_over_ssh(
             outcome.status.as_str().to_uppercase(),
             outcome.message
         );
+        let exit_code = outcome.exit_code;
         let result = crate::agentless::result_of(cmd.id as u64, &svc.id, started_at, outcome);
         let map = std::iter::once((svc.id.clone(), svc.thresholds)).collect();
         match hub
@@ -493,7 +494,7 @@ async fn run_over_ssh(
                 tracing::error!(command_id = cmd.id, error = %e, "cannot store a check-now result")
             }
         }
-        ("succeeded", None, text)
+        ("succeeded", exit_code, text)
     } else {
         let Some(ssh) = node.ssh.clone() else {
             let _ = fail(hub, cmd, &format!("node {} has no ssh: block", node.name)).await;

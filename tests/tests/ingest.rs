@@ -16,6 +16,7 @@ const LIMIT: Duration = Duration::from_secs(20);
 
 fn result(seq: u64, service: &str, status: Status) -> ResultIn {
     ResultIn {
+        duration_us: 0,
         seq,
         service_id: service.into(),
         started_at: Utc::now(),

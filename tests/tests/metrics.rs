@@ -200,12 +200,27 @@ fn parse(text: &str) -> anyhow::Result<Exposition> {
     Ok(exp)
 }
 
-/// GET /metrics with an optional bearer token: (status, content type, body).
+/// What Prometheus sends (it prefers OpenMetrics).
+const PROMETHEUS_ACCEPT: &str = "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
+
+/// GET /metrics with an optional bearer token, as Prometheus asks: (status, content type, body).
 async fn get_metrics(
     addr: SocketAddr,
     token: Option<&str>,
 ) -> anyhow::Result<(u16, String, String)> {
+    get_metrics_as(addr, token, Some(PROMETHEUS_ACCEPT)).await
+}
+
+/// GET /metrics with an optional token and `Accept` header.
+async fn get_metrics_as(
+    addr: SocketAddr,
+    token: Option<&str>,
+    accept: Option<&str>,
+) -> anyhow::Result<(u16, String, String)> {
     let mut req = reqwest::Client::new().get(format!("http://{addr}/metrics"));
+    if let Some(a) = accept {
+        req = req.header(reqwest::header::ACCEPT, a);
+    }
     if let Some(t) = token {
         req = req.bearer_auth(t);
     }
@@ -329,6 +344,99 @@ async fn metrics_follow_ingest_and_survive_a_restart() -> anyhow::Result<()> {
         Some(1.0)
     );
     assert_eq!(exp.value("vigil_agents_connected", &[]), Some(0.0));
+    collector.shutdown().await;
+    Ok(())
+}
+
+/// `promtool check metrics` (Prometheus' own linter) on the text format 0.0.4 that a scraper
+/// not asking for OpenMetrics gets: no finding. Check durations keep sub-millisecond precision
+/// (a TCP connect on loopback takes well under a millisecond: in whole milliseconds its sum
+/// would stay 0).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn text_format_passes_promtool_and_durations_are_precise() -> anyhow::Result<()> {
+    init();
+    let Some(promtool) = ["/usr/bin/promtool", "/usr/local/bin/promtool"]
+        .iter()
+        .map(std::path::Path::new)
+        .find(|p| p.exists())
+    else {
+        ensure!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "promtool is missing (deploy/test.sh installs Debian's prometheus package)"
+        );
+        eprintln!("SKIPPED: promtool is not installed (apt-get install prometheus)");
+        return Ok(());
+    };
+    let db = pg::test_db().await?;
+    let ws = Workspace::new()?;
+    ws.issue("n1")?;
+    let open = std::net::TcpListener::bind("127.0.0.1:0")?;
+    ws.write_service(
+        "port",
+        &format!(
+            "id: port\ncategory: api\nnode: n1\ncheck:\n  type: tcp\n  interval: 1s\n  address: {}\n",
+            open.local_addr()?
+        ),
+    )?;
+    let cfg_path = ws.write_collector(&db.url, &["n1"])?;
+    let collector = Collector::start(Config::load(&cfg_path)?).await?;
+    let addr = collector.metrics_addr.context("metrics address")?;
+    let agent = start_agent(&ws.write_agent("a", "n1", "n1", collector.grpc_addr)?).await?;
+    connected(&agent).await?;
+    let sum = wait_for("tcp check durations", LIMIT, || async move {
+        let exp = scrape(addr).await?;
+        Ok(exp
+            .value("vigil_check_duration_seconds_count", &[("kind", "tcp")])
+            .filter(|n| *n >= 2.0)
+            .and(exp.value("vigil_check_duration_seconds_sum", &[("kind", "tcp")])))
+    })
+    .await?;
+    assert!(
+        sum > 0.0,
+        "vigil_check_duration_seconds_sum{{kind=tcp}} = {sum}"
+    );
+
+    for accept in [None, Some("text/plain;version=0.0.4"), Some("*/*")] {
+        let (status, ctype, body) = get_metrics_as(addr, None, accept).await?;
+        ensure!(status == 200, "{status}: {body}");
+        assert_eq!(
+            ctype, "text/plain; version=0.0.4; charset=utf-8",
+            "{accept:?}"
+        );
+        assert!(
+            !body.contains("# EOF") && !body.contains("# UNIT"),
+            "{body}"
+        );
+        let mut child = std::process::Command::new(promtool)
+            .args(["check", "metrics"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()?;
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .context("stdin")?
+            .write_all(body.as_bytes())?;
+        let out = child.wait_with_output()?;
+        let said = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            out.status.success() && said.trim().is_empty(),
+            "promtool check metrics ({accept:?}): {said}\n--- exposition ---\n{body}"
+        );
+    }
+    // Prometheus itself asks for OpenMetrics and gets it.
+    let (_, ctype, _) = get_metrics(addr, None).await?;
+    assert_eq!(
+        ctype,
+        "application/openmetrics-text; version=1.0.0; charset=utf-8"
+    );
+    agent.shutdown().await;
     collector.shutdown().await;
     Ok(())
 }

@@ -97,6 +97,8 @@ impl StoreError {
 /// A result as the collector ingests it (converted from the wire at the edge).
 #[derive(Debug, Clone, PartialEq)]
 pub struct ResultIn {
+    /// How long the check took in microseconds, when known (0: only `duration_ms` is).
+    pub duration_us: u64,
     pub seq: u64,
     pub service_id: String,
     pub started_at: DateTime<Utc>,
