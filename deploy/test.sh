@@ -112,6 +112,12 @@ if [ "$have_nextest" -eq 1 ]; then
     step "cargo test --workspace --doc"
     cargo test --workspace --doc --no-fail-fast -q
     doc_status=$?
+    # The API against its OpenAPI document with openapi-spec-validator and schemathesis (PyPI,
+    # pinned, in a virtualenv): before the main run, so that its summary stays the last word.
+    step "deploy/conformance.sh"
+    bash deploy/conformance.sh
+    conformance_status=$?
+    [ "$doc_status" -ne 0 ] || doc_status=$conformance_status
     step "cargo nextest run --workspace --no-fail-fast --test-threads $threads"
     cargo nextest run --workspace --no-fail-fast --test-threads "$threads" --no-tests warn "${extra_args[@]}"
     status=$?

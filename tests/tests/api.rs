@@ -696,3 +696,243 @@ async fn token_cli_creates_lists_and_revokes() -> anyhow::Result<()> {
     s.collector.shutdown().await;
     Ok(())
 }
+
+/// Every path and query parameter of every endpoint, with `X` where the hostile value goes, and
+/// the token that may call it.
+const PARAMETERS: &[(&str, &str, bool)] = &[
+    ("GET", "/api/services/health?category=X", false),
+    ("GET", "/api/services/health?node=X", false),
+    ("GET", "/api/services/health?status=X", false),
+    ("GET", "/api/services/health/X", false),
+    ("POST", "/api/health-check/force/X?wait=0", true),
+    ("POST", "/api/health-check/force/web?wait=X", true),
+    ("GET", "/api/services/X/results", false),
+    ("GET", "/api/services/web/results?since=X", false),
+    ("GET", "/api/services/web/results?limit=X", false),
+    ("GET", "/api/services/web/results?before=X", false),
+    ("GET", "/api/services/X/events", false),
+    ("GET", "/api/services/web/events?limit=X", false),
+    ("GET", "/api/services/web/events?before=X", false),
+    ("GET", "/api/services/X/commands", false),
+    ("GET", "/api/services/web/commands?limit=X", false),
+    ("GET", "/api/services/X/daily", false),
+    ("GET", "/api/services/web/daily?days=X", false),
+    ("POST", "/api/services/X/restart", true),
+    ("POST", "/api/services/X/pause", true),
+    ("POST", "/api/services/web/X", true),
+    ("POST", "/api/services/web/pause?minutes=X", true),
+    ("GET", "/api/commands/X", false),
+    ("GET", "/api/incidents?open=X", false),
+    ("GET", "/api/incidents?service=X", false),
+    ("GET", "/api/incidents?limit=X", false),
+    ("GET", "/api/incidents/X", false),
+    ("POST", "/api/incidents/X/ack", true),
+    ("GET", "/api/maintenance/X", false),
+    ("DELETE", "/api/maintenance/X", true),
+    ("GET", "/api/X", false),
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nul_and_invalid_utf8_are_bad_input_never_an_outage() -> anyhow::Result<()> {
+    let s = setup().await?;
+    for (method, template, operator) in PARAMETERS {
+        for hostile in ["%00", "a%00b", "%FF", "%C3%28", "web%00"] {
+            let path = template.replace('X', hostile);
+            let token = if *operator { &s.operator } else { &s.viewer };
+            let got = s
+                .api
+                .call(method.parse()?, &path, Some(token), None)
+                .await?;
+            assert!(
+                got.0 == StatusCode::BAD_REQUEST || got.0 == StatusCode::NOT_FOUND,
+                "{method} {path}: {} {:?}",
+                got.0,
+                got.1
+            );
+            assert!(
+                matches!(got.1["error"].as_str(), Some("bad_request" | "not_found")),
+                "{method} {path}: {:?}",
+                got.1
+            );
+        }
+    }
+    // A NUL inside a JSON body reaches PostgreSQL, which refuses it: the request's fault (400),
+    // not an outage (503).
+    let got = s
+        .api
+        .call(
+            reqwest::Method::POST,
+            "/api/maintenance",
+            Some(&s.operator),
+            Some(json!({"name": "a\u{0}b", "services": ["web"], "duration": "1h"})),
+        )
+        .await?;
+    assert_error(&got, StatusCode::BAD_REQUEST, "bad_request");
+    // The mapping itself: PostgreSQL's data errors (class 22) are bad input, the rest is not.
+    let err = s
+        .collector
+        .hub
+        .store
+        .health(Some("a\0b"), true)
+        .await
+        .expect_err("PostgreSQL refuses a NUL in text");
+    assert!(err.is_bad_input(), "{err}");
+    let api = vigil_collector::web::ApiError::from(err);
+    assert_eq!(api.status, StatusCode::BAD_REQUEST);
+    s.collector.shutdown().await;
+    Ok(())
+}
+
+/// The names of the query parameters the handlers read.
+const QUERY_PARAMETERS: &[&str] = &[
+    "category", "node", "status", "wait", "limit", "before", "since", "days", "minutes", "open",
+    "service",
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openapi_document_declares_parameters_and_errors() -> anyhow::Result<()> {
+    let s = setup().await?;
+    let (st, doc) = s
+        .api
+        .call(reqwest::Method::GET, "/api/openapi.json", None, None)
+        .await?;
+    assert_eq!(st, StatusCode::OK);
+    let paths = doc["paths"].as_object().expect("paths");
+    assert!(paths.len() >= 15, "{paths:?}");
+    let mut seen_query = std::collections::BTreeSet::new();
+    for (path, item) in paths {
+        for (method, op) in item.as_object().expect("path item") {
+            let what = format!("{method} {path}");
+            let params = op["parameters"].as_array().cloned().unwrap_or_default();
+            for p in &params {
+                let name = p["name"].as_str().expect("name");
+                match p["in"].as_str() {
+                    Some("path") => assert!(
+                        path.contains(&format!("{{{name}}}")),
+                        "{what}: path parameter {name} is not in the path"
+                    ),
+                    Some("query") => {
+                        assert!(QUERY_PARAMETERS.contains(&name), "{what}: query {name}");
+                        assert_ne!(p["required"], true, "{what}: {name} is optional");
+                        seen_query.insert(name.to_string());
+                    }
+                    other => panic!("{what}: {name} in {other:?}"),
+                }
+            }
+            let responses = op["responses"].as_object().expect("responses");
+            let mut need = vec!["401", "503"];
+            if !params.is_empty() || op.get("requestBody").is_some() {
+                need.push("400");
+            }
+            if path.contains('{') {
+                need.push("404");
+            }
+            for code in need {
+                let r = responses
+                    .get(code)
+                    .unwrap_or_else(|| panic!("{what}: {code} undocumented"));
+                assert_eq!(
+                    r["content"]["application/json"]["schema"]["$ref"],
+                    "#/components/schemas/ErrorBody",
+                    "{what} {code}"
+                );
+            }
+        }
+    }
+    assert_eq!(
+        seen_query.len(),
+        QUERY_PARAMETERS.len(),
+        "every query parameter is documented: {seen_query:?}"
+    );
+    // The schemas say what is answered: the settings view has its provenance, results carry
+    // their metrics as an array.
+    let schemas = &doc["components"]["schemas"];
+    let view = &schemas["HealthConfigView"];
+    for field in [
+        "enabled",
+        "interval_minutes",
+        "source",
+        "updated_at",
+        "updated_by",
+    ] {
+        assert!(
+            view["properties"].get(field).is_some(),
+            "HealthConfigView.{field}: {view}"
+        );
+    }
+    assert_eq!(
+        schemas["ResultRow"]["properties"]["metrics"]["type"],
+        "array"
+    );
+    s.collector.shutdown().await;
+    Ok(())
+}
+
+/// The document validated by openapi-spec-validator and the live API checked against it by
+/// schemathesis, with a viewer's and an operator's token: no server error, no undocumented
+/// status code or content type, no response outside its schema. The tools come from PyPI in a
+/// virtualenv that `deploy/conformance.sh` makes; it runs this test.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs openapi-spec-validator and schemathesis: run deploy/conformance.sh"]
+async fn conformance_with_schemathesis() -> anyhow::Result<()> {
+    let venv = std::env::var("VIGIL_CONFORMANCE_VENV")
+        .map_err(|_| anyhow::anyhow!("set VIGIL_CONFORMANCE_VENV (deploy/conformance.sh does)"))?;
+    let bin = std::path::Path::new(&venv).join("bin");
+    let s = setup().await?;
+    // With its agent connected, a force-check answers within a second instead of waiting out
+    // its `wait` for a node that never runs it.
+    let agent = start_agent(&s._ws.write_agent("a", "n1", "n1", s.collector.grpc_addr)?).await?;
+    connected(&agent).await?;
+    let url = format!("{}/api/openapi.json", s.api.base);
+    let (st, doc) = s
+        .api
+        .call(reqwest::Method::GET, "/api/openapi.json", None, None)
+        .await?;
+    assert_eq!(st, StatusCode::OK);
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join("openapi.json");
+    std::fs::write(&file, serde_json::to_vec_pretty(&doc)?)?;
+    let out = tokio::process::Command::new(bin.join("openapi-spec-validator"))
+        .arg(&file)
+        .output()
+        .await?;
+    assert!(
+        out.status.success(),
+        "openapi-spec-validator: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let examples = std::env::var("VIGIL_CONFORMANCE_EXAMPLES").unwrap_or_else(|_| "25".into());
+    let max_time = std::env::var("VIGIL_CONFORMANCE_SECONDS").unwrap_or_else(|_| "40".into());
+    for (who, token) in [("viewer", &s.viewer), ("operator", &s.operator)] {
+        let reports = tempfile::tempdir()?;
+        let out = tokio::process::Command::new(bin.join("st"))
+            .args(["run", &url, "--no-color", "--workers", "2"])
+            .args(["-H", &format!("Authorization: Bearer {token}")])
+            .args([
+                "--checks",
+                "not_a_server_error,status_code_conformance,content_type_conformance,\
+                 response_schema_conformance",
+            ])
+            .args(["--max-examples", &examples, "--max-time", &max_time])
+            // Longer than the longest `wait` a force-check may be given (120 s).
+            .args(["--request-timeout", "130", "--generation-database", "none"])
+            .arg("--report-dir")
+            .arg(reports.path())
+            .env("SCHEMATHESIS_HOOKS", "")
+            .output()
+            .await?;
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        println!("schemathesis as {who}:\n{text}");
+        assert!(
+            out.status.success(),
+            "schemathesis as {who} failed (its report is above)"
+        );
+    }
+    s.collector.shutdown().await;
+    Ok(())
+}

@@ -7,6 +7,21 @@ use utoipa::ToSchema;
 
 use super::{Store, StoreError};
 
+impl StoreError {
+    /// PostgreSQL refused a value the request carried (SQLSTATE class 22 — a NUL, an invalid
+    /// byte sequence, a number out of range — or 54000, a value too large): the request is at
+    /// fault, not the database, so the API answers 400 rather than 503.
+    pub fn is_bad_input(&self) -> bool {
+        let StoreError::Sql(e) = self else {
+            return false;
+        };
+        e.as_db_error().is_some_and(|db| {
+            let code = db.code().code();
+            code.starts_with("22") || code == "54000"
+        })
+    }
+}
+
 /// A service's current state as the API and the dashboard show it (from `services` and
 /// `service_state`; the 24-hour counts are 0 when not asked for).
 #[derive(Debug, Clone)]
@@ -83,8 +98,8 @@ pub struct ResultRow {
     /// ok | warning | critical | unknown
     pub status: String,
     pub message: String,
-    /// Performance data (label, value, unit, warn, crit, min, max).
-    #[schema(value_type = Object)]
+    /// Performance data: one object per metric (label, value, unit, warn, crit, min, max).
+    #[schema(value_type = Vec<Object>)]
     pub metrics: serde_json::Value,
     /// Output excerpt (command checks).
     pub output: String,
@@ -113,7 +128,7 @@ pub struct NodeRow {
     pub agent_connected: bool,
     pub agent_version: Option<String>,
     /// What the agent reported: check kinds, inventory (CPU, memory, GPUs, Docker, ...).
-    #[schema(value_type = Object)]
+    #[schema(value_type = Option<Object>)]
     pub capabilities: Option<serde_json::Value>,
     pub connected_at: Option<DateTime<Utc>>,
     /// When the agent was last heard from (any message, Pongs included).

@@ -43,6 +43,7 @@ pub fn routes() -> axum::Router<AppState> {
         .route("/api/incidents/{id}", get(incident))
         .route("/api/incidents/{id}/ack", post(ack_incident))
         .fallback(not_found)
+        .layer(axum::middleware::from_fn(super::refuse_bad_bytes))
 }
 
 async fn not_found(uri: axum::http::Uri) -> ApiError {
@@ -203,6 +204,7 @@ pub fn service_health(cfg: &Config, row: &HealthRow, now: DateTime<Utc>) -> Serv
 
 /// Filters of the service list (all optional).
 #[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct HealthFilter {
     pub category: Option<String>,
@@ -295,6 +297,7 @@ pub struct ForceCheck {
 }
 
 #[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct WaitParam {
     /// Seconds to wait for the result (default 30, at most 120); 0 answers at once.
@@ -326,7 +329,8 @@ async fn request(
 #[utoipa::path(post, path = "/api/health-check/force/{id}", params(("id" = String, Path), WaitParam),
     responses((status = 200, description = "the check ran", body = ForceCheck),
               (status = 202, description = "still running; poll /api/commands/{id}", body = ForceCheck),
-              (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)),
+              (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
+              (status = 409, description = "a command for the service is already in flight", body = ErrorBody)),
     security(("bearer" = [])), tag = "health")]
 /// Runs a service's check now (through its agent, or from the collector for agentless nodes)
 /// and returns its result.
@@ -439,6 +443,7 @@ pub struct CommandCreated {
 }
 
 #[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct PauseParam {
     /// pause only: end the pause after this many minutes (default: until resumed).
@@ -547,6 +552,7 @@ fn page_limit(limit: Option<i64>, default: i64) -> Result<i64, ApiError> {
 }
 
 #[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct ResultsQuery {
     /// Only results taken at or after this time (RFC 3339).
@@ -601,6 +607,7 @@ async fn known(state: &AppState, id: &str) -> Result<(), ApiError> {
 }
 
 #[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct PageQuery {
     /// Page size (default 100, at most 1000).
@@ -658,6 +665,7 @@ async fn service_commands(
 }
 
 #[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct DaysQuery {
     /// How many days back (default 30, at most 366).
@@ -735,6 +743,7 @@ async fn nodes(
 }
 
 #[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct IncidentsQuery {
     /// true: open incidents only; false: closed ones only; absent: both.
@@ -845,7 +854,74 @@ impl utoipa::Modify for SecurityAddon {
 )]
 pub struct ApiDoc;
 
+/// Documents, on every operation, the errors any of them can answer (each with the JSON
+/// [`ErrorBody`]): 401 and 503 (the database unreachable) wherever a token is required, 400
+/// wherever the request carries parameters or a body, 404 wherever the path names something.
+/// Codes an operation documents itself (403, 409, a described 400) are kept.
+struct ErrorResponses;
+
+impl utoipa::Modify for ErrorResponses {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::path::ParameterIn;
+        use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
+        let error = |description: &str| {
+            ResponseBuilder::new()
+                .description(description)
+                .content(
+                    "application/json",
+                    ContentBuilder::new()
+                        .schema(Some(Ref::from_schema_name("ErrorBody")))
+                        .build(),
+                )
+                .build()
+        };
+        for item in openapi.paths.paths.values_mut() {
+            let ops = [
+                &mut item.get,
+                &mut item.put,
+                &mut item.post,
+                &mut item.delete,
+                &mut item.patch,
+            ];
+            for op in ops.into_iter().flatten() {
+                let params = op.parameters.as_deref().unwrap_or_default();
+                let in_path = params
+                    .iter()
+                    .any(|p| matches!(p.parameter_in, ParameterIn::Path));
+                let mut add = Vec::new();
+                if op.security.is_some() {
+                    add.push(("401", "no valid token or session"));
+                    add.push(("503", "the database is not available; try again"));
+                }
+                if !params.is_empty() || op.request_body.is_some() {
+                    add.push((
+                        "400",
+                        "a bad parameter or body; `field` names it when it can",
+                    ));
+                }
+                if in_path {
+                    add.push(("404", "no such object"));
+                }
+                for (code, description) in add {
+                    op.responses
+                        .responses
+                        .entry(code.to_string())
+                        .or_insert_with(|| error(description).into());
+                }
+            }
+        }
+    }
+}
+
+/// The whole OpenAPI document: the API's paths, the maintenance windows', and the errors every
+/// operation can answer.
+pub fn document() -> utoipa::openapi::OpenApi {
+    let mut doc = ApiDoc::openapi().merge_from(super::maintenance::MaintenanceDoc::openapi());
+    utoipa::Modify::modify(&ErrorResponses, &mut doc);
+    doc
+}
+
 /// The OpenAPI document (no authentication).
 async fn openapi() -> Json<utoipa::openapi::OpenApi> {
-    Json(ApiDoc::openapi().merge_from(super::maintenance::MaintenanceDoc::openapi()))
+    Json(document())
 }

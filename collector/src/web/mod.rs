@@ -78,6 +78,14 @@ impl ApiError {
 
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> ApiError {
+        if e.is_bad_input() {
+            tracing::info!(error = %e, "API request refused: the database cannot take a value it carries");
+            return ApiError::bad_request(
+                None,
+                "the request carries a value that cannot be stored or looked up \
+                 (a NUL character, an invalid byte sequence or an out-of-range value)",
+            );
+        }
         tracing::error!(error = ?e, "API request failed on the database");
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -85,6 +93,43 @@ impl From<StoreError> for ApiError {
             "the database is not available; try again",
         )
     }
+}
+
+/// Refuses, before any handler, a request whose path or query holds a NUL character or bytes
+/// that are not UTF-8 once percent-decoded: no id, name or filter can hold them, so the answer is
+/// 400 whichever endpoint was asked (rather than an empty list from one and a database error
+/// from another).
+pub async fn refuse_bad_bytes(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let bad = |raw: &str| {
+        percent_encoding::percent_decode_str(raw)
+            .decode_utf8()
+            .map_or(true, |s| s.contains('\0'))
+    };
+    let uri = req.uri();
+    if bad(uri.path()) {
+        return ApiError::bad_request(
+            None,
+            "the path holds a NUL character or bytes that are not UTF-8",
+        )
+        .into_response();
+    }
+    if let Some(q) = uri.query() {
+        for pair in q.split('&') {
+            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+            if bad(name) || bad(value) {
+                let field = percent_encoding::percent_decode_str(name).decode_utf8_lossy();
+                return ApiError::bad_request(
+                    Some(&field),
+                    "the query holds a NUL character or bytes that are not UTF-8",
+                )
+                .into_response();
+            }
+        }
+    }
+    next.run(req).await
 }
 
 impl IntoResponse for ApiError {

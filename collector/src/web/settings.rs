@@ -45,8 +45,12 @@ pub struct HealthConfigBody {
 /// The settings in force and where they come from.
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct HealthConfigView {
-    #[serde(flatten)]
-    pub values: HealthConfigBody,
+    // The body's fields spelled out rather than flattened: the body refuses unknown fields, and a
+    // flattened schema would carry that refusal into the view (`additionalProperties: false`).
+    pub enabled: bool,
+    pub interval_minutes: f64,
+    pub max_error_count: u32,
+    pub retry_after_hours: f64,
     /// `api` (changed at run time) or `config file` (collector.yaml's defaults).
     pub source: String,
     pub updated_at: Option<chrono::DateTime<chrono::Utc>>,
@@ -121,7 +125,10 @@ pub async fn view(hub: &Hub) -> Result<HealthConfigView, StoreError> {
         }),
     };
     Ok(HealthConfigView {
-        values,
+        enabled: values.enabled,
+        interval_minutes: values.interval_minutes,
+        max_error_count: values.max_error_count,
+        retry_after_hours: values.retry_after_hours,
         source: if cfg.settings.is_some() {
             "api".into()
         } else {
