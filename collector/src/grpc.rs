@@ -271,8 +271,8 @@ impl AgentSvc {
         if hello.node != cert_node {
             tracing::warn!(
                 peer = ?peer,
-                certificate_node = %cert_node,
-                claimed_node = %hello.node,
+                certificate_node = ?cert_node,
+                claimed_node = ?hello.node,
                 "agent refused: it claims a node other than its certificate's"
             );
             return Err(Status::permission_denied(format!(
@@ -283,14 +283,14 @@ impl AgentSvc {
         }
         let cfg = self.hub.config().await;
         if !cfg.nodes.iter().any(|n| n.name == hello.node) {
-            tracing::warn!(peer = ?peer, node = %hello.node, "agent refused: node not in collector.yaml");
+            tracing::warn!(peer = ?peer, node = ?hello.node, "agent refused: node not in collector.yaml");
             return Err(Status::permission_denied(format!(
                 "node {:?} is not configured on this collector (add it under nodes: in collector.yaml)",
                 hello.node
             )));
         }
         if hello.outbox_epoch == 0 || hello.outbox_epoch > i64::MAX as u64 {
-            tracing::warn!(peer = ?peer, node = %hello.node, epoch = hello.outbox_epoch, "agent refused: outbox epoch out of range");
+            tracing::warn!(peer = ?peer, node = ?hello.node, epoch = hello.outbox_epoch, "agent refused: outbox epoch out of range");
             return Err(Status::invalid_argument(format!(
                 "Hello.outbox_epoch must be in 1..=2^63-1, got {}; upgrade the agent (it renews an old epoch when it opens its outbox)",
                 hello.outbox_epoch
@@ -386,7 +386,7 @@ impl v1::agent_service_server::AgentService for AgentSvc {
             }
         });
         tracing::info!(
-            %node, peer = ?peer, agent_version = %hello.agent_version,
+            %node, peer = ?peer, agent_version = ?hello.agent_version,
             config_version = hello.config_version, first_unacked_seq = hello.first_unacked_seq,
             next_seq = hello.next_seq,
             backlog = hello.status.as_ref().map_or(0, |s| s.outbox_depth),
@@ -409,7 +409,7 @@ impl v1::agent_service_server::AgentService for AgentSvc {
                 tracing::error!(%node, error = %e, "cannot record agent disconnection");
             }
             crate::remediation::agent_gone(&hub, &node).await;
-            tracing::info!(%node, %reason, "agent disconnected");
+            tracing::info!(%node, reason = ?reason, "agent disconnected");
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
@@ -573,7 +573,7 @@ async fn ingest(hub: &Hub, node: &str, batch: v1::ResultBatch, tx: &Tx) -> Resul
     }
     if !refused.is_empty() {
         tracing::warn!(
-            %node, refused = refused.len(), first = %refused[0],
+            %node, refused = refused.len(), first = ?refused[0],
             "results refused (not stored; acknowledged so that the agent does not send them again)"
         );
         hub.metrics.results_refused(node, refused.len());
