@@ -619,7 +619,17 @@ struct LoginForm {
     token: String,
 }
 
-async fn login(State(state): State<AppState>, form: axum::extract::Form<LoginForm>) -> Response {
+async fn login(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    form: axum::extract::Form<LoginForm>,
+) -> Response {
+    // The session cookie is SameSite=Strict, but a cross-origin form could still log a browser
+    // in with the attacker's token (login CSRF): the form must come from this dashboard.
+    if let Err(why) = auth::check_same_origin(&headers) {
+        tracing::warn!(reason = ?why, "dashboard login refused: cross-origin");
+        return (StatusCode::FORBIDDEN, login_form(Some(&why))).into_response();
+    }
     let caller = match state
         .tokens
         .check(&state.hub.store, form.token.trim())
