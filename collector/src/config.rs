@@ -315,6 +315,14 @@ pub struct CollectorFile {
     /// A connected node whose oldest unacknowledged result is older than this raises an alert.
     #[serde(default = "default_backlog_alert", with = "humantime_serde")]
     pub backlog_alert: Duration,
+    /// A result dated more than this in the future (or before 2000) is stored with the time it
+    /// was received; a node whose clock is off by more is flagged.
+    #[serde(default = "default_max_clock_skew", with = "humantime_serde")]
+    pub max_clock_skew: Duration,
+}
+
+fn default_max_clock_skew() -> Duration {
+    Duration::from_secs(300)
 }
 
 fn default_node_timeout() -> Duration {
@@ -759,6 +767,8 @@ pub struct Config {
     pub node_timeout: Duration,
     /// Age of the oldest unacknowledged result that raises a backlog alert.
     pub backlog_alert: Duration,
+    /// How far an agent's clock may be off (`max_clock_skew`).
+    pub max_clock_skew: Duration,
     /// Each node's services and their thresholds, built once at load (ingest reads it per batch).
     thresholds_by_node: HashMap<String, std::sync::Arc<HashMap<String, Thresholds>>>,
     /// Position of each service in `services` by id (ingest looks a service up per result).
@@ -1084,6 +1094,7 @@ impl Config {
             defaults: file.defaults,
             settings: None,
             node_timeout: file.node_timeout,
+            max_clock_skew: file.max_clock_skew,
             backlog_alert: file.backlog_alert,
             path: path.to_path_buf(),
             grpc_listen: file.grpc_listen,
