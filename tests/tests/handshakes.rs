@@ -1,11 +1,17 @@
 //! Refused TLS handshakes on the agent port: each logged with its real reason and the peer, and
-//! a flood of them logged in a bounded number of lines (the collector binary's own log).
+//! a flood of them logged in a bounded number of lines; values sent by an agent are logged
+//! escaped, so that they cannot forge log lines (the collector binary's own log).
 
 use std::path::Path;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+use vigil_proto::v1::agent_service_client::AgentServiceClient;
+use vigil_proto::v1::{self, AgentMessage, agent_message::Msg as In};
 use vigil_tests::{Workspace, init, pg, wait_for};
 
 /// The collector binary with its log in a file, killed (SIGKILL) on drop.
@@ -118,4 +124,79 @@ async fn refused_handshakes_are_logged_with_their_reason_and_rate_limited() -> a
 
 fn read(log: &Path) -> String {
     std::fs::read_to_string(log).unwrap_or_default()
+}
+
+/// A command id with a newline, as an agent may send it: logged as one escaped field, never as a
+/// line of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn values_from_agents_cannot_forge_log_lines() -> anyhow::Result<()> {
+    init();
+    let db = pg::test_db().await?;
+    let ws = Workspace::new()?;
+    ws.issue("n1")?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let path = ws.write_collector(&db.url, &["n1"])?;
+    let text = std::fs::read_to_string(&path)?.replace(
+        "grpc_listen: 127.0.0.1:0",
+        &format!("grpc_listen: 127.0.0.1:{port}"),
+    );
+    std::fs::write(&path, text)?;
+    let log = ws.path().join("collector.log");
+    let _collector = spawn_collector(&path, &log)?;
+
+    let ca = std::fs::read(ws.certs().join("ca.pem"))?;
+    let cert = std::fs::read(ws.certs().join("n1.pem"))?;
+    let key = std::fs::read(ws.certs().join("n1.key"))?;
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(ca))
+        .domain_name("localhost")
+        .identity(Identity::from_pem(cert, key));
+    let endpoint = Channel::from_shared(format!("https://127.0.0.1:{port}"))?.tls_config(tls)?;
+    let ch = wait_for("the agent port", Duration::from_secs(60), || async {
+        Ok(endpoint.connect().await.ok())
+    })
+    .await?;
+    let forged = "x\n2026-01-01T00:00:00.000000Z ERROR vigil_collector: FORGED LINE";
+    let (tx, rx) = mpsc::channel(4);
+    tx.send(AgentMessage {
+        msg: Some(In::Hello(v1::Hello {
+            node: "n1".into(),
+            agent_version: "test\nFORGED VERSION".into(),
+            outbox_epoch: 7,
+            ..Default::default()
+        })),
+    })
+    .await?;
+    tx.send(AgentMessage {
+        msg: Some(In::CommandResult(v1::CommandResult {
+            command_id: forged.into(),
+            ..Default::default()
+        })),
+    })
+    .await?;
+    let _inbound = AgentServiceClient::new(ch)
+        .session(ReceiverStream::new(rx))
+        .await?;
+    wait_for(
+        "the unknown command id line",
+        Duration::from_secs(20),
+        || async {
+            Ok(read(&log)
+                .contains("result for an unknown command id")
+                .then_some(()))
+        },
+    )
+    .await?;
+    let text = read(&log);
+    assert!(
+        !text
+            .lines()
+            .any(|l| l.starts_with("2026-01-01") || l.starts_with("FORGED")),
+        "{text}"
+    );
+    assert!(text.contains(r"x\n2026-01-01"), "{text}");
+    drop(tx);
+    Ok(())
 }
