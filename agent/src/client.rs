@@ -366,6 +366,7 @@ impl Client {
             next_seq: snapshot.next_seq,
             epoch_start_seq: snapshot.epoch_start_seq,
             status: Some(snapshot.status(now_ms())),
+            agent_time_ms: now_ms(),
         }
     }
 

@@ -72,6 +72,32 @@ impl CheckKind {
         }
     }
 
+    /// Deserializes the fields of kind `name` (a `type:` value, the tag itself removed) straight
+    /// into that kind's struct, so that a deserializer that tracks positions or paths sees every
+    /// field (the tagged enum buffers them to read `type:` first). `None` for an unknown kind.
+    pub fn deserialize_as<'de, D: serde::Deserializer<'de>>(
+        name: &str,
+        d: D,
+    ) -> Result<Option<CheckKind>, D::Error> {
+        Ok(Some(match name {
+            "http" => CheckKind::Http(Deserialize::deserialize(d)?),
+            "tcp" => CheckKind::Tcp(Deserialize::deserialize(d)?),
+            "command" => CheckKind::Command(Deserialize::deserialize(d)?),
+            "system" => CheckKind::System(Deserialize::deserialize(d)?),
+            "process" => CheckKind::Process(Deserialize::deserialize(d)?),
+            "systemd" => CheckKind::Systemd(Deserialize::deserialize(d)?),
+            "docker" => CheckKind::Docker(Deserialize::deserialize(d)?),
+            "gpu" => CheckKind::Gpu(Deserialize::deserialize(d)?),
+            "grpc" => CheckKind::Grpc(Deserialize::deserialize(d)?),
+            "web" => CheckKind::Web(Deserialize::deserialize(d)?),
+            "docker_engine" => CheckKind::DockerEngine(Deserialize::deserialize(d)?),
+            "lxd" => CheckKind::Lxd(Deserialize::deserialize(d)?),
+            "incus" => CheckKind::Incus(Deserialize::deserialize(d)?),
+            "proxmox" => CheckKind::Proxmox(Deserialize::deserialize(d)?),
+            _ => return Ok(None),
+        }))
+    }
+
     pub(crate) fn validate(&self) -> Result<(), SpecError> {
         match self {
             CheckKind::Http(c) => c.validate(),
@@ -156,6 +182,22 @@ mod tests {
                 assert!(!e.to_string().contains("unknown variant"), "{name}: {e}");
             }
         }
+    }
+
+    #[test]
+    fn deserialize_as_knows_every_kind() {
+        for name in KINDS {
+            // An empty mapping fails on a missing field or succeeds; never "unknown kind".
+            let r = CheckKind::deserialize_as(name, serde_json::json!({}));
+            assert!(!matches!(r, Ok(None)), "{name}");
+            if let Ok(Some(k)) = r {
+                assert_eq!(k.name(), *name);
+            }
+        }
+        assert!(matches!(
+            CheckKind::deserialize_as("nope", serde_json::json!({})),
+            Ok(None)
+        ));
     }
 
     #[test]

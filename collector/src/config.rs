@@ -79,6 +79,193 @@ pub fn parse_yaml<T: serde::de::DeserializeOwned>(
     })
 }
 
+/// Parses a service file. serde reads a `check:` block whole to find its `type:` tag, which loses
+/// the position of a bad key inside it; such an error is found again by deserializing the block
+/// as its kind's struct directly, and reported at the key's own line and column with every key
+/// valid there.
+pub fn parse_service(path: &Path, text: &str) -> Result<ServiceFile, ConfigError> {
+    parse_yaml(path, text).map_err(|err| match &err {
+        ConfigError::Parse { key, message, .. }
+            if key.starts_with("check") || message.starts_with("check") =>
+        {
+            precise_check_error(path, text).unwrap_or(err)
+        }
+        _ => err,
+    })
+}
+
+/// The keys every check accepts besides its kind's own.
+const CHECK_COMMON_KEYS: &[&str] = &["type", "interval", "timeout"];
+
+/// `interval:` and `timeout:` alone, to find an error in them with its key.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CheckCommon {
+    #[serde(default, with = "humantime_serde")]
+    _interval: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    _timeout: Option<Duration>,
+}
+
+fn precise_check_error(path: &Path, text: &str) -> Option<ConfigError> {
+    use serde_norway::{Mapping, Value};
+    let doc: Value = serde_norway::from_str(text).ok()?;
+    let check = doc.get("check")?.as_mapping()?;
+    let kind = check.get("type")?.as_str()?.to_string();
+    let mut common = Mapping::new();
+    let mut fields = Mapping::new();
+    for (k, v) in check {
+        match k.as_str() {
+            Some("type") => {}
+            Some(name @ ("interval" | "timeout")) => {
+                common.insert(Value::String(format!("_{name}")), v.clone());
+            }
+            _ => {
+                fields.insert(k.clone(), v.clone());
+            }
+        }
+    }
+    let (segments, message) =
+        match serde_path_to_error::deserialize::<_, CheckCommon>(Value::Mapping(common)) {
+            Err(e) => (
+                path_segments(e.path())
+                    .into_iter()
+                    .map(|s| s.trim_start_matches('_').to_string())
+                    .collect(),
+                e.into_inner().to_string(),
+            ),
+            Ok(_) => {
+                let mut track = serde_path_to_error::Track::new();
+                let de = serde_path_to_error::Deserializer::new(Value::Mapping(fields), &mut track);
+                match vigil_checks::CheckKind::deserialize_as(&kind, de) {
+                    Ok(_) => return None,
+                    Err(e) => (path_segments(&track.path()), e.to_string()),
+                }
+            }
+        };
+    let mut message = message;
+    if let Some(idx) = message.find(" at line ") {
+        message.truncate(idx);
+    }
+    let mut at: Vec<String> = std::iter::once("check".to_string())
+        .chain(segments)
+        .collect();
+    // An unknown key: point at the key itself, and at the top of the block list the keys
+    // every check takes as well as the kind's own.
+    let unknown = message
+        .strip_prefix("unknown field `")
+        .and_then(|r| r.split('`').next())
+        .map(str::to_string);
+    if let Some(name) = &unknown {
+        if at.last() != Some(name) {
+            at.push(name.clone());
+        }
+        if at.len() == 2 {
+            let valid = message
+                .split_once("expected ")
+                .map(|(_, rest)| rest.trim_start_matches("one of "))
+                .unwrap_or("");
+            let mut names: Vec<String> = CHECK_COMMON_KEYS.iter().map(|s| s.to_string()).collect();
+            names.extend(
+                valid
+                    .split([',', ' '])
+                    .filter(|w| w.starts_with('`'))
+                    .map(|w| w.trim_matches('`').to_string()),
+            );
+            let listed: Vec<String> = names.iter().map(|n| format!("`{n}`")).collect();
+            message = format!(
+                "unknown field `{name}` for a {kind} check, expected one of {}",
+                listed.join(", ")
+            );
+        }
+    }
+    let location = locate(text, &at)
+        .map(|(l, c)| format!(":{l}:{c}"))
+        .unwrap_or_default();
+    let key_path = if unknown.is_some() {
+        &at[..at.len() - 1]
+    } else {
+        &at[..]
+    };
+    Some(ConfigError::Parse {
+        path: path.to_path_buf(),
+        location,
+        key: format!("{}: ", key_path.join(".")),
+        message,
+    })
+}
+
+/// The segments of a serde path as strings (map keys, and sequence indexes as numbers).
+fn path_segments(p: &serde_path_to_error::Path) -> Vec<String> {
+    use serde_path_to_error::Segment;
+    p.iter()
+        .filter_map(|s| match s {
+            Segment::Map { key } => Some(key.clone()),
+            Segment::Seq { index } => Some(index.to_string()),
+            Segment::Enum { .. } | Segment::Unknown => None,
+        })
+        .collect()
+}
+
+/// 1-based line and column of the key at `keys` in block-style YAML (a number is a sequence
+/// index), as deep as it can be followed; `None` when not even the first key is found.
+fn locate(text: &str, keys: &[String]) -> Option<(usize, usize)> {
+    // Every key and sequence item with its line and indentation; `- a: 1` is an item and a
+    // key two columns further in.
+    enum Tok<'a> {
+        Item,
+        Key(&'a str),
+    }
+    let mut toks: Vec<(usize, usize, Tok)> = Vec::new();
+    for (no, line) in text.lines().enumerate() {
+        let mut indent = line.len() - line.trim_start_matches(' ').len();
+        let mut rest = &line[indent..];
+        if rest.is_empty() || rest.starts_with('#') || rest.starts_with("---") {
+            continue;
+        }
+        while let Some(r) = rest
+            .strip_prefix("- ")
+            .or(if rest == "-" { Some("") } else { None })
+        {
+            toks.push((no + 1, indent, Tok::Item));
+            let inner = r.len() - r.trim_start_matches(' ').len();
+            indent += 2 + inner;
+            rest = r.trim_start_matches(' ');
+        }
+        if let Some((k, _)) = rest.split_once(':') {
+            let k = k.trim().trim_matches(['"', '\'']);
+            if !k.is_empty() && !k.contains([' ', '{', '[']) {
+                toks.push((no + 1, indent, Tok::Key(k)));
+            }
+        }
+    }
+    let mut found = None;
+    let (mut from, mut parent) = (0usize, None::<usize>);
+    for key in keys {
+        let scope: Vec<usize> = (from..toks.len())
+            .take_while(|&i| parent.is_none_or(|p| toks[i].1 > p))
+            .collect();
+        let Some(&first) = scope.first() else { break };
+        let child = toks[first].1;
+        let hit = match key.parse::<usize>() {
+            Ok(n) => scope
+                .iter()
+                .filter(|&&i| toks[i].1 == child && matches!(toks[i].2, Tok::Item))
+                .nth(n)
+                .copied(),
+            Err(_) => scope
+                .iter()
+                .find(|&&i| toks[i].1 == child && matches!(toks[i].2, Tok::Key(k) if k == key))
+                .copied(),
+        };
+        let Some(i) = hit else { break };
+        found = Some((toks[i].0, toks[i].1 + 1));
+        from = i + 1;
+        parent = Some(toks[i].1);
+    }
+    found
+}
+
 fn read(path: &Path) -> Result<String, ConfigError> {
     std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
         path: path.to_path_buf(),
@@ -128,6 +315,14 @@ pub struct CollectorFile {
     /// A connected node whose oldest unacknowledged result is older than this raises an alert.
     #[serde(default = "default_backlog_alert", with = "humantime_serde")]
     pub backlog_alert: Duration,
+    /// A result dated more than this in the future (or before 2000) is stored with the time it
+    /// was received; a node whose clock is off by more is flagged.
+    #[serde(default = "default_max_clock_skew", with = "humantime_serde")]
+    pub max_clock_skew: Duration,
+}
+
+fn default_max_clock_skew() -> Duration {
+    Duration::from_secs(300)
 }
 
 fn default_node_timeout() -> Duration {
@@ -572,6 +767,8 @@ pub struct Config {
     pub node_timeout: Duration,
     /// Age of the oldest unacknowledged result that raises a backlog alert.
     pub backlog_alert: Duration,
+    /// How far an agent's clock may be off (`max_clock_skew`).
+    pub max_clock_skew: Duration,
     /// Each node's services and their thresholds, built once at load (ingest reads it per batch).
     thresholds_by_node: HashMap<String, std::sync::Arc<HashMap<String, Thresholds>>>,
     /// Position of each service in `services` by id (ingest looks a service up per result).
@@ -792,7 +989,7 @@ impl Config {
         let mut attachment_bytes = 0usize;
         for f in files {
             let text = read(&f)?;
-            let sf: ServiceFile = parse_yaml(&f, &text)?;
+            let sf: ServiceFile = parse_service(&f, &text)?;
             check_labels(&f, &text, &sf.labels)?;
             let mut svc = Self::load_service(&f, sf, &file.defaults, &seen)?;
             // The parsed spec carries a default interval; whether the file wrote one is only
@@ -897,6 +1094,7 @@ impl Config {
             defaults: file.defaults,
             settings: None,
             node_timeout: file.node_timeout,
+            max_clock_skew: file.max_clock_skew,
             backlog_alert: file.backlog_alert,
             path: path.to_path_buf(),
             grpc_listen: file.grpc_listen,
@@ -1133,13 +1331,78 @@ defaults:
         let bad = "id: db\ncategory: system\nnode: n1\ncheck:\n  type: tcp\n  address: 127.0.0.1:5432\n  adress: x\n";
         let (_dir, path) = setup(&[("db.yaml", bad)]);
         let err = load(&path).unwrap_err().to_string();
-        assert!(err.contains("db.yaml:"), "{err}");
-        assert!(err.contains("adress"), "{err}");
-        // The line of the `check` block: its fields are buffered for the `type` tag, so the
-        // parser points at the block rather than the key itself.
         let file = path.parent().unwrap().join("services/db.yaml");
-        let want = format!("{}:5:3: check: unknown field `adress`", file.display());
+        let want = format!("{}:7:3: check: unknown field `adress`", file.display());
         assert!(err.starts_with(&want), "{err}");
+    }
+
+    /// A typo inside `check:` is reported at its own line and column, with every key valid at
+    /// the top of a check (the common ones included), wherever `type:` is written.
+    #[test]
+    fn typo_in_check_points_at_its_line_and_lists_every_key() {
+        let bad = "id: web\ncategory: web\nnode: n1\ncheck:\n  intervall: 10s\n  type: http\n  request:\n    url: http://127.0.0.1/\n";
+        let (_dir, path) = setup(&[("web.yaml", bad)]);
+        let err = load(&path).unwrap_err().to_string();
+        let file = path.parent().unwrap().join("services/web.yaml");
+        let want = format!("{}:5:3: check: unknown field `intervall`", file.display());
+        assert!(err.starts_with(&want), "{err}");
+        for key in ["`interval`", "`timeout`", "`type`", "`request`", "`expect`"] {
+            assert!(err.contains(key), "{key} missing: {err}");
+        }
+    }
+
+    #[test]
+    fn typo_deep_in_check_points_at_its_line() {
+        let bad = "id: web\ncategory: web\nnode: n1\ncheck:\n  type: http\n  request:\n    url: http://127.0.0.1/\n  expect:\n    staus: 200\n";
+        let (_dir, path) = setup(&[("web.yaml", bad)]);
+        let err = load(&path).unwrap_err().to_string();
+        let file = path.parent().unwrap().join("services/web.yaml");
+        let want = format!(
+            "{}:9:5: check.expect: unknown field `staus`",
+            file.display()
+        );
+        assert!(err.starts_with(&want), "{err}");
+        assert!(err.contains("`status`"), "{err}");
+
+        let bad = "id: web\ncategory: web\nnode: n1\ncheck:\n  type: http\n  request:\n    url: http://127.0.0.1/\n    metod: GET\n";
+        let (_dir, path) = setup(&[("web.yaml", bad)]);
+        let err = load(&path).unwrap_err().to_string();
+        assert!(
+            err.contains("web.yaml:8:5: check.request: unknown field `metod`"),
+            "{err}"
+        );
+        assert!(err.contains("`method`"), "{err}");
+    }
+
+    #[test]
+    fn bad_value_in_check_points_at_its_key() {
+        let bad = "id: db\ncategory: system\nnode: n1\ncheck:\n  type: tcp\n  address: 127.0.0.1:5432\n  timeout: soon\n";
+        let (_dir, path) = setup(&[("db.yaml", bad)]);
+        let err = load(&path).unwrap_err().to_string();
+        assert!(err.contains("db.yaml:7:3: check.timeout: "), "{err}");
+    }
+
+    #[test]
+    fn typo_in_control_points_at_its_line() {
+        let bad = format!("{TCP}control:\n  via: agent\n  restrat: [[systemctl, restart, x]]\n");
+        let (_dir, path) = setup(&[("db.yaml", &bad)]);
+        let err = load(&path).unwrap_err().to_string();
+        assert!(err.contains("db.yaml:9:3: "), "{err}");
+        assert!(
+            err.contains("restrat") && err.contains("`restart`"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn locate_follows_keys_and_items() {
+        let text = "a:\n  b:\n    - x: 1\n    - y: 2\n      z: 3\n  c: 4\n";
+        let k = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(locate(text, &k(&["a", "c"])), Some((6, 3)));
+        assert_eq!(locate(text, &k(&["a", "b", "1", "z"])), Some((5, 7)));
+        assert_eq!(locate(text, &k(&["a", "b", "0", "x"])), Some((3, 7)));
+        assert_eq!(locate(text, &k(&["a", "nope"])), Some((1, 1)));
+        assert_eq!(locate(text, &k(&["q"])), None);
     }
 
     #[test]

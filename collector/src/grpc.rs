@@ -228,6 +228,21 @@ pub struct AgentSvc {
     pub hub: Arc<Hub>,
 }
 
+/// 2000-01-01T00:00:00Z in ms: no result of a running agent is older.
+const EARLIEST_PLAUSIBLE_MS: i64 = 946_684_800_000;
+
+/// The start time to store for a result sent as `sent_ms` and received at `now_ms`: as sent,
+/// unless it lies more than `max_skew` in the future or before 2000; then the receive time, with
+/// the skew (sent minus received, ms).
+pub fn plausible_start(sent_ms: i64, now_ms: i64, max_skew: Duration) -> (i64, Option<i64>) {
+    let skew = max_skew.as_millis().min(i64::MAX as u128) as i64;
+    if sent_ms > now_ms.saturating_add(skew) || sent_ms < EARLIEST_PLAUSIBLE_MS {
+        (now_ms, Some(sent_ms.saturating_sub(now_ms)))
+    } else {
+        (sent_ms, None)
+    }
+}
+
 /// Wire result → domain result, with every string NUL-free and bounded and at most
 /// [`vigil_proto::sanitize::MAX_METRICS`] metrics (the agent did so already; a collector never
 /// trusts it).
@@ -272,8 +287,8 @@ impl AgentSvc {
         if hello.node != cert_node {
             tracing::warn!(
                 peer = ?peer,
-                certificate_node = %cert_node,
-                claimed_node = %hello.node,
+                certificate_node = ?cert_node,
+                claimed_node = ?hello.node,
                 "agent refused: it claims a node other than its certificate's"
             );
             return Err(Status::permission_denied(format!(
@@ -284,14 +299,14 @@ impl AgentSvc {
         }
         let cfg = self.hub.config().await;
         if !cfg.nodes.iter().any(|n| n.name == hello.node) {
-            tracing::warn!(peer = ?peer, node = %hello.node, "agent refused: node not in collector.yaml");
+            tracing::warn!(peer = ?peer, node = ?hello.node, "agent refused: node not in collector.yaml");
             return Err(Status::permission_denied(format!(
                 "node {:?} is not configured on this collector (add it under nodes: in collector.yaml)",
                 hello.node
             )));
         }
         if hello.outbox_epoch == 0 || hello.outbox_epoch > i64::MAX as u64 {
-            tracing::warn!(peer = ?peer, node = %hello.node, epoch = hello.outbox_epoch, "agent refused: outbox epoch out of range");
+            tracing::warn!(peer = ?peer, node = ?hello.node, epoch = hello.outbox_epoch, "agent refused: outbox epoch out of range");
             return Err(Status::invalid_argument(format!(
                 "Hello.outbox_epoch must be in 1..=2^63-1, got {}; upgrade the agent (it renews an old epoch when it opens its outbox)",
                 hello.outbox_epoch
@@ -357,6 +372,19 @@ impl v1::agent_service_server::AgentService for AgentSvc {
         {
             tracing::error!(%node, error = %e, "cannot record agent connection");
         }
+        if hello.agent_time_ms != 0 {
+            let offset = hello
+                .agent_time_ms
+                .saturating_sub(Utc::now().timestamp_millis());
+            let max = self.hub.config().await.max_clock_skew;
+            if offset.unsigned_abs() as u128 > max.as_millis() {
+                tracing::warn!(%node, offset_ms = offset, max_ms = max.as_millis() as u64,
+                    "the node's clock is off by more than max_clock_skew");
+            }
+            if let Err(e) = self.hub.store.node_clock(&node, offset).await {
+                tracing::error!(%node, error = %e, "cannot record the node's clock offset");
+            }
+        }
         if let Err(e) = self
             .hub
             .store
@@ -387,7 +415,7 @@ impl v1::agent_service_server::AgentService for AgentSvc {
             }
         });
         tracing::info!(
-            %node, peer = ?peer, agent_version = %hello.agent_version,
+            %node, peer = ?peer, agent_version = ?hello.agent_version,
             config_version = hello.config_version, first_unacked_seq = hello.first_unacked_seq,
             next_seq = hello.next_seq,
             backlog = hello.status.as_ref().map_or(0, |s| s.outbox_depth),
@@ -410,7 +438,7 @@ impl v1::agent_service_server::AgentService for AgentSvc {
                 tracing::error!(%node, error = %e, "cannot record agent disconnection");
             }
             crate::remediation::agent_gone(&hub, &node).await;
-            tracing::info!(%node, %reason, "agent disconnected");
+            tracing::info!(%node, reason = ?reason, "agent disconnected");
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
@@ -553,7 +581,14 @@ async fn ingest(hub: &Hub, node: &str, batch: v1::ResultBatch, tx: &Tx) -> Resul
     // acknowledged with the batch: sending them again could never succeed.
     let mut refused: Vec<String> = Vec::new();
     let mut results: Vec<ResultIn> = Vec::with_capacity(total);
-    for r in batch.results {
+    let received_ms = Utc::now().timestamp_millis();
+    let mut replaced_times: Vec<i64> = Vec::new();
+    for mut r in batch.results {
+        let (at, skew) = plausible_start(r.started_at_ms, received_ms, cfg.max_clock_skew);
+        if let Some(skew) = skew {
+            r.started_at_ms = at;
+            replaced_times.push(skew);
+        }
         if r.seq == 0 || r.seq > i64::MAX as u64 {
             let mut service = r.service_id;
             vigil_proto::sanitize::text(&mut service, 64);
@@ -572,9 +607,25 @@ async fn ingest(hub: &Hub, node: &str, batch: v1::ResultBatch, tx: &Tx) -> Resul
             ));
         }
     }
+    if let Some(&worst) = replaced_times.iter().max_by_key(|s| s.unsigned_abs()) {
+        let reason = format!(
+            "{} result(s) dated implausibly (up to {} s from the receive time, beyond \
+             max_clock_skew or before 2000) stored with the receive time; check the node's clock",
+            replaced_times.len(),
+            worst / 1000
+        );
+        tracing::warn!(%node, results = replaced_times.len(), skew_ms = worst, "results with implausible times stored with the receive time");
+        if let Err(e) = hub
+            .store
+            .clock_event(node, &reason, replaced_times.len() as i64)
+            .await
+        {
+            tracing::error!(%node, error = %e, "cannot record the clock event");
+        }
+    }
     if !refused.is_empty() {
         tracing::warn!(
-            %node, refused = refused.len(), first = %refused[0],
+            %node, refused = refused.len(), first = ?refused[0],
             "results refused (not stored; acknowledged so that the agent does not send them again)"
         );
         hub.metrics.results_refused(node, refused.len());
@@ -686,4 +737,33 @@ pub async fn after_ingest(hub: &Hub, node: &str, report: &crate::store::IngestRe
         .map(|s| s.service_id.clone())
         .collect();
     crate::remediation::evaluate(hub, &ids).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn implausible_start_times_become_the_receive_time() {
+        let now = 1_800_000_000_000; // 2027
+        let max = Duration::from_secs(300);
+        assert_eq!(plausible_start(now - 5_000, now, max), (now - 5_000, None));
+        assert_eq!(
+            plausible_start(now + 299_000, now, max),
+            (now + 299_000, None)
+        );
+        // An hour old is plausible (a backlog); five minutes and one second ahead is not.
+        assert_eq!(plausible_start(now - 3_600_000, now, max).1, None);
+        assert_eq!(
+            plausible_start(now + 301_000, now, max),
+            (now, Some(301_000))
+        );
+        // 2100 and 1969.
+        let y2100 = 4_102_444_800_000;
+        assert_eq!(plausible_start(y2100, now, max), (now, Some(y2100 - now)));
+        assert_eq!(plausible_start(-1_000, now, max), (now, Some(-1_000 - now)));
+        assert_eq!(plausible_start(0, now, max).0, now);
+        assert_eq!(plausible_start(i64::MIN, now, max).0, now);
+        assert_eq!(plausible_start(i64::MAX, now, max).0, now);
+    }
 }

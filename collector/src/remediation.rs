@@ -618,12 +618,12 @@ pub async fn agent_gone(hub: &Hub, node: &str) {
 pub async fn on_agent_result(hub: &Hub, node: &str, mut r: v1::CommandResult) -> bool {
     vigil_proto::sanitize::command_result(&mut r);
     if !r.issuer.is_empty() && r.issuer != hub.store.uid() {
-        tracing::warn!(%node, command_id = %r.command_id, issuer = %r.issuer,
+        tracing::warn!(%node, command_id = ?r.command_id, issuer = ?r.issuer,
             "outcome of a command issued by another database; ignored");
         return true;
     }
     let Ok(id) = r.command_id.parse::<i64>() else {
-        tracing::warn!(%node, command_id = %r.command_id, "result for an unknown command id");
+        tracing::warn!(%node, command_id = ?r.command_id, "result for an unknown command id");
         return true;
     };
     let cmd = match hub.store.command(id).await {

@@ -711,6 +711,39 @@ async fn advance_states(
     Ok(())
 }
 
+impl Store {
+    /// Records a node's clock offset (its agent's clock minus the collector's, ms) as measured
+    /// at its Hello.
+    pub async fn node_clock(&self, node: &str, offset_ms: i64) -> Result<(), StoreError> {
+        let client = self.pool.get().await?;
+        client
+            .execute(
+                "UPDATE nodes SET clock_offset_ms = $2, clock_checked_at = now() WHERE name = $1",
+                &[&node, &offset_ms],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Records `count` results whose start time was implausible and replaced by the time they
+    /// were received: one `clock` node event saying why.
+    pub async fn clock_event(
+        &self,
+        node: &str,
+        reason: &str,
+        count: i64,
+    ) -> Result<(), StoreError> {
+        let client = self.pool.get().await?;
+        client
+            .execute(
+                "INSERT INTO node_events (node, kind, reason, count) VALUES ($1, 'clock', $2, $3)",
+                &[&node, &reason, &count],
+            )
+            .await?;
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

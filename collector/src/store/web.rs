@@ -153,6 +153,9 @@ pub struct NodeRow {
     pub results_dropped: i64,
     /// Results refused by the collector (out-of-range seq, another node's service).
     pub results_refused: i64,
+    /// The node's clock minus the collector's (ms), as measured at its agent's last Hello.
+    pub clock_offset_ms: Option<i64>,
+    pub clock_checked_at: Option<DateTime<Utc>>,
 }
 
 /// One service's figures for one UTC day.
@@ -389,7 +392,7 @@ impl Store {
                         capabilities, connected_at, last_seen, has_agent, timeout_ms,
                         disconnected_at, down_since, down_reason, backlog_results,
                         backlog_oldest_at, backlog_alert_since, results_lost, results_dropped,
-                        results_refused
+                        results_refused, clock_offset_ms, clock_checked_at
                  FROM nodes ORDER BY active DESC, name",
                 &[],
             )
@@ -417,6 +420,8 @@ impl Store {
                 results_lost: r.get(17),
                 results_dropped: r.get(18),
                 results_refused: r.get(19),
+                clock_offset_ms: r.get(20),
+                clock_checked_at: r.get(21),
             })
             .collect())
     }

@@ -706,6 +706,8 @@ pub struct NodeView {
     /// False while the node is down (its agent silent longer than its node timeout).
     pub up: bool,
     pub services: usize,
+    /// The node's clock is off by more than `max_clock_skew` (see `clock_offset_ms`).
+    pub clock_skewed: bool,
     /// The node's latest events (down, up, gap, dropped, refused, backlog, agent_heal), newest
     /// first.
     pub events: Vec<NodeEventRow>,
@@ -725,6 +727,9 @@ pub async fn node_views(state: &AppState) -> Result<Vec<NodeView>, ApiError> {
             connected: connected.contains(&n.name),
             up: n.down_since.is_none(),
             services: cfg.services_of(&n.name).count(),
+            clock_skewed: n
+                .clock_offset_ms
+                .is_some_and(|o| o.unsigned_abs() as u128 > cfg.max_clock_skew.as_millis()),
             events: events.remove(&n.name).unwrap_or_default(),
             node: n,
         })

@@ -296,6 +296,56 @@ impl FromRequestParts<AppState> for Caller {
     }
 }
 
+/// Checks that a login form comes from the dashboard itself: the `Origin` header (or, without
+/// one, the `Referer`) must name the host and port the request was sent to (`Host`). A request
+/// with neither (curl, a script) is accepted: the token it posts is proof enough, and a browser
+/// always sends `Origin` on a cross-origin POST. `Err` says why the request is refused.
+pub fn check_same_origin(headers: &HeaderMap) -> Result<(), String> {
+    let (name, value) = match (headers.get(header::ORIGIN), headers.get(header::REFERER)) {
+        (Some(o), _) => ("Origin", o),
+        (None, Some(r)) => ("Referer", r),
+        (None, None) => return Ok(()),
+    };
+    let value = value.to_str().unwrap_or("");
+    let Some(host) = headers.get(header::HOST).and_then(|h| h.to_str().ok()) else {
+        return Err(
+            "login refused: the request has no Host header to compare its origin with".into(),
+        );
+    };
+    let Some((scheme, from_host, from_port)) = origin_of(value) else {
+        return Err(format!(
+            "cross-origin login refused: {name} {value:?} is not this dashboard's origin"
+        ));
+    };
+    let default_port = if scheme == "https" { 443 } else { 80 };
+    let (to_host, to_port) = match host.rsplit_once(':') {
+        Some((h, p)) => match p.parse::<u16>() {
+            Ok(p) => (h, p),
+            Err(_) => (host, default_port),
+        },
+        _ => (host, default_port),
+    };
+    if from_host.eq_ignore_ascii_case(to_host) && from_port.unwrap_or(default_port) == to_port {
+        Ok(())
+    } else {
+        Err(format!(
+            "cross-origin login refused: the form was posted from {value:?}, not from this \
+             dashboard ({host})"
+        ))
+    }
+}
+
+/// Scheme, host and explicit port of an origin or URL (`https://host:port/...`).
+fn origin_of(s: &str) -> Option<(String, String, Option<u16>)> {
+    let uri: axum::http::Uri = s.parse().ok()?;
+    let scheme = uri.scheme_str()?.to_ascii_lowercase();
+    if scheme != "http" && scheme != "https" {
+        return None;
+    }
+    let auth = uri.authority()?;
+    Some((scheme, auth.host().to_string(), auth.port_u16()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -330,5 +380,66 @@ mod tests {
         assert!(same("abc", "abc"));
         assert!(!same("abc", "abd"));
         assert!(!same("abc", "abcd"));
+    }
+
+    fn headers(pairs: &[(header::HeaderName, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert(k.clone(), v.parse().unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn login_origin_must_be_the_dashboard() {
+        use header::{HOST, ORIGIN, REFERER};
+        let ok = |p: &[(header::HeaderName, &str)]| check_same_origin(&headers(p));
+        assert!(ok(&[(HOST, "vigil.example:8080")]).is_ok());
+        assert!(
+            ok(&[
+                (HOST, "vigil.example:8080"),
+                (ORIGIN, "http://vigil.example:8080")
+            ])
+            .is_ok()
+        );
+        assert!(ok(&[(HOST, "vigil.example"), (ORIGIN, "https://VIGIL.example")]).is_ok());
+        assert!(
+            ok(&[
+                (HOST, "vigil.example:443"),
+                (ORIGIN, "https://vigil.example")
+            ])
+            .is_ok()
+        );
+        assert!(ok(&[(HOST, "[::1]:8080"), (ORIGIN, "http://[::1]:8080")]).is_ok());
+        assert!(
+            ok(&[
+                (HOST, "vigil.example"),
+                (REFERER, "https://vigil.example/login?x=1")
+            ])
+            .is_ok()
+        );
+        let err = ok(&[(HOST, "vigil.example"), (ORIGIN, "https://evil.example")]).unwrap_err();
+        assert!(
+            err.contains("cross-origin") && err.contains("evil.example"),
+            "{err}"
+        );
+        assert!(
+            ok(&[
+                (HOST, "vigil.example:8080"),
+                (ORIGIN, "http://vigil.example:9090")
+            ])
+            .is_err()
+        );
+        assert!(ok(&[(HOST, "vigil.example"), (ORIGIN, "null")]).is_err());
+        assert!(ok(&[(HOST, "vigil.example"), (REFERER, "https://evil.example/x")]).is_err());
+        // Origin wins over a same-origin Referer.
+        assert!(
+            ok(&[
+                (HOST, "vigil.example"),
+                (ORIGIN, "https://evil.example"),
+                (REFERER, "https://vigil.example/login")
+            ])
+            .is_err()
+        );
     }
 }

@@ -556,7 +556,7 @@ async fn nodes_page(State(state): State<AppState>, User(user): User) -> Result<M
         html! {
             h1 { "Nodes" }
             table.nodes {
-                thead { tr { th { "Node" } th { "Address" } th { "State" } th { "Agent" } th { "Version" } th { "Last seen" } th { "Backlog" } th { "Lost / dropped" } th { "Services" } th { "GPUs" } th { "Events" } th { "Capabilities" } } }
+                thead { tr { th { "Node" } th { "Address" } th { "State" } th { "Agent" } th { "Version" } th { "Last seen" } th { "Backlog" } th { "Lost / dropped" } th { "Clock" } th { "Services" } th { "GPUs" } th { "Events" } th { "Capabilities" } } }
                 tbody { @for n in &nodes {
                     @let caps = n.node.capabilities.clone().unwrap_or_default();
                     @let gpus = caps.pointer("/inventory/gpus").and_then(|g| g.as_array()).cloned().unwrap_or_default();
@@ -578,6 +578,13 @@ async fn nodes_page(State(state): State<AppState>, User(user): User) -> Result<M
                                     (b) " results, oldest " (ago(n.node.backlog_oldest_at, now)) } }
                                 _ => { "–" } } }
                         td data-field="lost" { (n.node.results_lost) " / " (n.node.results_dropped) }
+                        td data-field="clock" { @match n.node.clock_offset_ms {
+                            None => "–",
+                            Some(o) => {
+                                (format!("{:+.1} s", o as f64 / 1000.0))
+                                @if n.clock_skewed { " " span.badge.res-warning title="This node's clock is off by more than max_clock_skew: fix its time (NTP)." { "clock off" } }
+                            }
+                        } }
                         td { (n.services) }
                         td { @if gpus.is_empty() { "–" } @else { ul { @for g in &gpus { li { (g.get("name").and_then(|v| v.as_str()).unwrap_or("GPU")) } } } } }
                         td { @if n.events.is_empty() { "–" } @else { details { summary { (n.events[0].kind) " " (ago(Some(n.events[0].at), now)) }
@@ -619,7 +626,17 @@ struct LoginForm {
     token: String,
 }
 
-async fn login(State(state): State<AppState>, form: axum::extract::Form<LoginForm>) -> Response {
+async fn login(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    form: axum::extract::Form<LoginForm>,
+) -> Response {
+    // The session cookie is SameSite=Strict, but a cross-origin form could still log a browser
+    // in with the attacker's token (login CSRF): the form must come from this dashboard.
+    if let Err(why) = auth::check_same_origin(&headers) {
+        tracing::warn!(reason = ?why, "dashboard login refused: cross-origin");
+        return (StatusCode::FORBIDDEN, login_form(Some(&why))).into_response();
+    }
     let caller = match state
         .tokens
         .check(&state.hub.store, form.token.trim())
