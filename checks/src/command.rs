@@ -255,7 +255,22 @@ enum Ended {
 }
 
 fn exit_outcome(program: &str, es: ExitStatus, plugin_message: Option<String>) -> (Status, String) {
-    if let Some(code) = es.code() {
+    let signal = es.signal().map(|s| {
+        Signal::try_from(s).map_or_else(|_| format!("signal {s}"), |s| s.as_str().to_string())
+    });
+    plugin_outcome(program, es.code(), signal.as_deref(), plugin_message)
+}
+
+/// The one rule from a plugin's end to an outcome (Monitoring-Plugins conventions), for a
+/// program run here or over SSH: exit 0/1/2/3 are OK/WARNING/CRITICAL/UNKNOWN with the plugin's
+/// message; another code or a signal is UNKNOWN and says so.
+pub fn plugin_outcome(
+    program: &str,
+    exit_code: Option<i32>,
+    signal: Option<&str>,
+    plugin_message: Option<String>,
+) -> (Status, String) {
+    if let Some(code) = exit_code {
         let status = Status::from_exit_code(code);
         let msg = match (plugin_message, code) {
             (Some(m), 0..=3) => m,
@@ -264,13 +279,7 @@ fn exit_outcome(program: &str, es: ExitStatus, plugin_message: Option<String>) -
         };
         return (status, msg);
     }
-    let sig = es
-        .signal()
-        .map(|s| {
-            Signal::try_from(s).map_or_else(|_| format!("signal {s}"), |s| s.as_str().to_string())
-        })
-        .unwrap_or_else(|| "unknown cause".to_string());
-    let mut msg = format!("{program}: killed by {sig}");
+    let mut msg = format!("{program}: killed by {}", signal.unwrap_or("unknown cause"));
     if let Some(m) = plugin_message {
         msg.push_str(&format!(" (last output: {m})"));
     }

@@ -41,16 +41,18 @@ pub async fn run_check(hub: &Hub, node: &NodeConfig, spec: &CheckSpec) -> Outcom
         ),
         Ok(out) => {
             let parsed = vigil_checks::perfdata::parse_plugin_output_struct(&out.output);
-            let status = match (out.exit_code, &out.exit_signal) {
-                (Some(code), _) => Status::from_exit_code(code),
-                (None, _) => Status::Unknown,
-            };
-            let message = match (&out.exit_signal, parsed.message.is_empty()) {
-                (Some(sig), _) => format!("killed by signal {sig}"),
-                (None, true) => format!("exit code {}, no output", out.exit_code.unwrap_or(-1)),
-                (None, false) => parsed.message.clone(),
-            };
+            let program = cmd.argv.first().map_or("", String::as_str);
+            let plugin_message = (!parsed.message.is_empty()).then(|| parsed.message.clone());
+            let signal = out.exit_signal.as_ref().map(|s| format!("signal {s}"));
+            // The same rule as a `command` check run by an agent.
+            let (status, message) = vigil_checks::command::plugin_outcome(
+                program,
+                out.exit_code,
+                signal.as_deref(),
+                plugin_message,
+            );
             let mut o = Outcome::new(status, message);
+            o.exit_code = out.exit_code;
             o.metrics = parsed.metrics;
             o.output = vigil_checks::excerpt(&out.output, vigil_checks::MAX_OUTPUT_BYTES);
             o

@@ -382,3 +382,43 @@ async fn an_ssh_restart_cut_off_by_a_collector_crash_is_unknown_never_run_twice(
     drop(third);
     Ok(())
 }
+
+/// A plugin run over SSH is judged by the same rule as one an agent runs: exit 5 (not a plugin
+/// code) is UNKNOWN and the message says "exit code 5".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_over_ssh_follows_the_agents_exit_code_rule() -> anyhow::Result<()> {
+    init();
+    let sshd = sshd::start().await?;
+    let db = pg::test_db().await?;
+    let ws = Workspace::new()?;
+    ws.write_service(
+        "odd",
+        "id: odd\ncategory: api\nnode: edge\ncheck:\n  type: command\n  interval: 1s\n  argv: [\"/bin/sh\", \"-c\", \"echo 'weird | x=1'; exit 5\"]\n",
+    )?;
+    let yaml = format!(
+        "grpc_listen: 127.0.0.1:0\nhttp: {{ listen: 127.0.0.1:0 }}\nmetrics: {{ listen: 127.0.0.1:0 }}\ndatabase: {{ url: \"{}\" }}\n\
+         tls: {{ ca: certs/ca.pem, cert: certs/collector.pem, key: certs/collector.key }}\nnodes:\n{}",
+        db.url,
+        node_yaml("edge", false, &sshd, &sshd.host_fingerprint),
+    );
+    std::fs::write(ws.path().join("collector.yaml"), yaml)?;
+    let collector = Collector::start(Config::load(&ws.path().join("collector.yaml"))?).await?;
+    let client = db.connect().await?;
+    let (status, message): (i16, String) = wait_for("a result of odd", LIMIT, || {
+        let client = &client;
+        async move {
+            Ok(client
+                .query_opt(
+                    "SELECT status, message FROM check_results WHERE service_id = 'odd' LIMIT 1",
+                    &[],
+                )
+                .await?
+                .map(|r| (r.get(0), r.get(1))))
+        }
+    })
+    .await?;
+    assert_eq!(status, 3, "UNKNOWN");
+    assert_eq!(message, "exit code 5: weird");
+    collector.shutdown().await;
+    Ok(())
+}
