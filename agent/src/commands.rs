@@ -165,20 +165,21 @@ async fn send_current(stream: &Stream, mut result: CommandResult) {
 fn from_journal(cmd: &Command, found: Begin) -> Option<CommandResult> {
     match found {
         Begin::Started => None,
-        Begin::Running(e) => Some(CommandResult {
-            command_id: cmd.command_id.clone(),
-            success: false,
-            exit_code: -1,
-            output: STILL_RUNNING.into(),
-            duration_ms: 0,
-            timed_out: false,
-            check: None,
-            running: true,
-            started_at_ms: e.started_at_ms,
-            outcome_unknown: false,
-            issuer: cmd.issuer.clone(),
-        }),
+        Begin::Running(e) => Some(still_running(cmd, e.started_at_ms)),
         Begin::Done(_, r) => Some(*r),
+    }
+}
+
+/// The answer to a command this agent is running now (`started_at_ms` 0: not journaled yet).
+fn still_running(cmd: &Command, started_at_ms: i64) -> CommandResult {
+    CommandResult {
+        command_id: cmd.command_id.clone(),
+        exit_code: -1,
+        output: STILL_RUNNING.into(),
+        running: true,
+        started_at_ms,
+        issuer: cmd.issuer.clone(),
+        ..Default::default()
     }
 }
 
@@ -262,16 +263,7 @@ impl Commands {
         let held = Slot::take(&self.keys, &key);
         let known = match (known, &held) {
             (Some(answer), _) => Some(answer),
-            (None, None) => from_journal(
-                &cmd,
-                Begin::Running(journal::Entry {
-                    service_id: cmd.service_id.clone(),
-                    action: cmd.action.clone(),
-                    started_at_ms: 0,
-                    finished_at_ms: 0,
-                    delivered_at_ms: 0,
-                }),
-            ),
+            (None, None) => Some(still_running(&cmd, 0)),
             (None, Some(_)) => None,
         };
         if let Some(answer) = known {

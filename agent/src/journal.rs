@@ -108,6 +108,7 @@ impl Journal {
             path: path.to_path_buf(),
         };
         j.recover(now_ms)?;
+        j.prune(now_ms)?;
         Ok(j)
     }
 
@@ -173,10 +174,6 @@ impl Journal {
                 };
                 if entry.finished_at_ms == 0 {
                     interrupted.push((key, entry));
-                } else if entry.delivered_at_ms > 0
-                    && now_ms - entry.delivered_at_ms > KEEP_DELIVERED_MS
-                {
-                    forget.push(key);
                 }
             }
             for key in forget {

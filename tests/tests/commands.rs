@@ -95,7 +95,8 @@ impl Drop for Proc {
 /// A collector and an agent on one node `n1` with one service `app` whose restart is gated.
 struct Rig {
     ws: Workspace,
-    db: pg::TestDb,
+    /// Kept for the test's length (the database goes with it).
+    _db: pg::TestDb,
     client: tokio_postgres::Client,
     store: vigil_collector::Store,
     collector_yaml: PathBuf,
@@ -154,7 +155,7 @@ impl Rig {
         let store = vigil_collector::Store::connect(&db.url, 1).await?;
         Ok(Rig {
             ws,
-            db,
+            _db: db,
             client,
             store,
             collector_yaml,
@@ -303,9 +304,7 @@ async fn collector_killed_after_the_row_is_written() -> anyhow::Result<()> {
         "{row:?}"
     );
     assert_eq!(rig.runs(), 1);
-    let collector = rig.settle(collector).await?;
-    drop(collector);
-    let _ = &rig.db;
+    rig.settle(collector).await?;
     Ok(())
 }
 
