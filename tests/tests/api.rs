@@ -907,7 +907,10 @@ async fn conformance_with_schemathesis() -> anyhow::Result<()> {
     for (who, token) in [("viewer", &s.viewer), ("operator", &s.operator)] {
         let reports = tempfile::tempdir()?;
         let out = tokio::process::Command::new(bin.join("st"))
-            .args(["run", &url, "--no-color", "--workers", "2"])
+            // One worker: hypothesis describes its filters by parsing their source with `ast`,
+            // which Python 3.11 cannot do from two threads at once ("AST constructor recursion
+            // depth mismatch", a runtime error of the tool, not a finding about the API).
+            .args(["run", &url, "--no-color", "--workers", "1"])
             .args(["-H", &format!("Authorization: Bearer {token}")])
             .args([
                 "--checks",
