@@ -216,7 +216,7 @@ impl HttpCheck {
         let r = &self.request;
         parse_method(&r.method).map_err(|e| invalid("request.method", e))?;
         let url = reqwest::Url::parse(&r.url)
-            .map_err(|e| invalid("request.url", format!("{:?}: {e}", r.url)))?;
+            .map_err(|e| invalid("request.url", format!("{:?}: {e}", shown_url(&r.url))))?;
         if !matches!(url.scheme(), "http" | "https") {
             return Err(invalid(
                 "request.url",
@@ -314,7 +314,7 @@ impl HttpCheck {
         let label = format!(
             "{} {}",
             self.request.method.to_ascii_uppercase(),
-            self.request.url
+            shown_url(&self.request.url)
         );
         // reqwest enforces `deadline` itself; this is the backstop for everything else
         // (reading upload files, a stalled body), still inside the outer timeout.
@@ -329,7 +329,7 @@ impl HttpCheck {
             };
         outcome.duration = start.elapsed();
         tracing::debug!(
-            url = %self.request.url,
+            url = %shown_url(&self.request.url),
             status = %outcome.status,
             message = %outcome.message,
             "http check finished"
@@ -339,11 +339,11 @@ impl HttpCheck {
 
     async fn run_inner(&self, deadline: Duration, files: &Attachments) -> Outcome {
         let r = &self.request;
-        let label = format!("{} {}", r.method.to_ascii_uppercase(), r.url);
+        let label = format!("{} {}", r.method.to_ascii_uppercase(), shown_url(&r.url));
         let request = match self.build(deadline, files).await {
             Ok(req) => req,
             Err(e) => {
-                tracing::warn!(url = %r.url, error = %e, "http check cannot be prepared");
+                tracing::warn!(url = %shown_url(&r.url), error = %e, "http check cannot be prepared");
                 return Outcome::new(Status::Unknown, format!("{label}: {e}"));
             }
         };
@@ -656,6 +656,35 @@ async fn read_local(path: &Path, what: &'static str) -> Result<Vec<u8>, PrepareE
             path: path.display().to_string(),
             source,
         })
+}
+
+/// A URL as a result message or a log line shows it: no user name or password, the query
+/// string as `?…` (both may carry credentials; results are stored and shown to operators).
+pub fn shown_url(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        // Nothing to hide: shown as written.
+        Ok(u)
+            if u.username().is_empty()
+                && u.password().is_none()
+                && u.query().is_none()
+                && u.fragment().is_none() =>
+        {
+            url.to_string()
+        }
+        Ok(mut u) => {
+            let _ = u.set_username("");
+            let _ = u.set_password(None);
+            let had_query = u.query().is_some();
+            u.set_query(None);
+            u.set_fragment(None);
+            let mut s = u.to_string();
+            if had_query {
+                s.push_str("?…");
+            }
+            s
+        }
+        Err(_) => url.to_string(),
+    }
 }
 
 /// `error: cause: root cause`, skipping a cause already included in the text before it.

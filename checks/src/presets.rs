@@ -131,7 +131,7 @@ impl DockerEngineCheck {
                 "Docker engine {} (API {}) at {}: ping OK",
                 json_str(v, "/Version").unwrap_or_default(),
                 json_str(v, "/ApiVersion").unwrap_or_default(),
-                self.url
+                crate::http::shown_url(&self.url)
             );
         }
         o.duration = start.elapsed();

@@ -173,7 +173,7 @@ impl WebCheck {
             }
         }
         o.duration = start.elapsed();
-        tracing::debug!(url = %self.url, status = %o.status, message = %o.message,
+        tracing::debug!(url = %crate::http::shown_url(&self.url), status = %o.status, message = %o.message,
             "web check finished");
         o
     }

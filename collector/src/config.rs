@@ -394,6 +394,12 @@ pub struct DatabaseConfig {
     /// `postgres://user@host:port/db`; the VIGIL_DATABASE_URL environment variable overrides it.
     #[serde(default)]
     pub url: Option<String>,
+    /// A file holding the URL (it carries the password): instead of `url`.
+    #[serde(default)]
+    pub url_file: Option<PathBuf>,
+    /// An environment variable holding the URL: instead of `url`.
+    #[serde(default)]
+    pub url_env: Option<String>,
     #[serde(default = "default_pool_size")]
     pub pool_size: usize,
 }
@@ -887,15 +893,25 @@ impl Config {
             }
         };
 
+        let from_file = crate::secret::resolve(
+            crate::secret::Ways {
+                key: "url",
+                inline: file.database.url.as_deref(),
+                file: file.database.url_file.as_deref(),
+                env: file.database.url_env.as_deref(),
+            },
+            &resolve,
+        )
+        .map_err(|(k, r)| invalid(path, format!("database.{k}"), r))?;
         let database_url = std::env::var(DATABASE_URL_ENV)
             .ok()
             .filter(|s| !s.is_empty())
-            .or(file.database.url.clone())
+            .or(from_file.map(|s| s.expose().to_string()))
             .ok_or_else(|| {
                 invalid(
                     path,
                     "database.url",
-                    format!("missing (set it here or in {DATABASE_URL_ENV})"),
+                    format!("missing (set it, url_file or url_env here, or {DATABASE_URL_ENV})"),
                 )
             })?;
         if file.database.pool_size == 0 {

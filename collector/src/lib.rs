@@ -12,6 +12,7 @@ pub mod maintenance;
 pub mod metrics;
 pub mod notify;
 pub mod remediation;
+pub mod secret;
 pub mod ssh;
 pub mod state;
 pub mod status;

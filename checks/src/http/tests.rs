@@ -748,3 +748,20 @@ async fn https_client_certificate() {
     .await;
     assert_eq!(o.status, Status::Ok, "{}", o.message);
 }
+
+#[tokio::test]
+async fn credentials_in_the_url_never_reach_the_result() {
+    // Port 9 (discard) on loopback: nothing listens, the request fails at once.
+    let o = run(json!({
+        "type": "http",
+        "request": {"url": "http://bot:pw-8c1d@127.0.0.1:9/status?token=tk-5e2a"}
+    }))
+    .await;
+    assert_eq!(o.status, Status::Critical, "{}", o.message);
+    assert!(o.message.contains("127.0.0.1:9/status?…"), "{}", o.message);
+    for secret in ["bot", "pw-8c1d", "tk-5e2a"] {
+        assert!(!o.message.contains(secret), "{secret}: {}", o.message);
+        assert!(!o.output.contains(secret), "{secret}: {}", o.output);
+    }
+    assert_eq!(shown_url("not a url"), "not a url");
+}

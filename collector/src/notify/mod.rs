@@ -9,7 +9,7 @@
 pub mod receivers;
 pub mod route;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -73,9 +73,15 @@ pub struct Webhook {
     /// `json` (the alert as a JSON object) or `slack` (`{"text": ...}`).
     #[serde(default)]
     pub format: WebhookFormat,
-    /// Extra headers (e.g. an Authorization header).
+    /// Extra headers (e.g. an Authorization header), inline,
     #[serde(default)]
     pub headers: HashMap<String, String>,
+    /// or each read from a file,
+    #[serde(default)]
+    pub headers_file: BTreeMap<String, std::path::PathBuf>,
+    /// or from an environment variable.
+    #[serde(default)]
+    pub headers_env: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
@@ -127,15 +133,24 @@ impl NotifyConfig {
         if self.reminder.is_some_and(|r| r < Duration::from_secs(1)) {
             return Err(bad("notify.reminder".into(), "must be at least 1s".into()));
         }
+        // The older `webhooks:` become receivers here, their secrets read like the others'.
+        let mut legacy = Vec::new();
         for (i, w) in self.webhooks.iter().enumerate() {
-            receivers::check_url(&w.url)
-                .map_err(|r| bad(format!("notify.webhooks[{i}].url"), r))?;
+            let mut r = ReceiverConfig::from_webhook(i, w);
+            r.validate(resolve)
+                .map_err(|(k, reason)| bad(format!("notify.webhooks[{i}].{k}"), reason))?;
+            legacy.push(r);
         }
         let mut names = std::collections::HashSet::new();
-        for i in 0..self.webhooks.len() {
-            names.insert(format!("webhook-{}", i + 1));
+        for r in &legacy {
+            names.insert(r.name().to_string());
         }
-        for (i, r) in self.receivers.iter_mut().enumerate() {
+        let first = legacy.len();
+        self.webhooks.clear();
+        legacy.append(&mut self.receivers);
+        self.receivers = legacy;
+        for (i, r) in self.receivers.iter_mut().enumerate().skip(first) {
+            let i = i - first;
             if r.name().is_empty() {
                 return Err(bad(
                     format!("notify.receivers[{i}].name"),
@@ -734,5 +749,130 @@ mod tests {
         let r = c.all_receivers();
         assert_eq!(r.len(), 1);
         assert!(matches!(&r[0], ReceiverConfig::Slack(w) if w.name == "webhook-1"));
+    }
+
+    fn parsed(yaml: &str) -> Result<NotifyConfig, NotifyInvalid> {
+        let mut c: NotifyConfig = serde_norway::from_str(yaml).unwrap();
+        c.validate(&|p| p.to_path_buf())?;
+        Ok(c)
+    }
+
+    #[test]
+    fn receiver_secrets_come_from_files_and_the_environment_and_never_print() {
+        let dir = tempfile::tempdir().unwrap();
+        let auth = dir.path().join("auth");
+        std::fs::write(&auth, "Bearer from-a-file\n").unwrap();
+        let url = dir.path().join("url");
+        std::fs::write(&url, "https://hooks.example/services/T0/B0/s3cr3t\n").unwrap();
+        let key = dir.path().join("key");
+        std::fs::write(&key, "R0UT1NG-from-file").unwrap();
+        // The environment is not ours to change here (no unsafe code): cargo sets this one.
+        let c = parsed(&format!(
+            "webhooks:\n  - url: \"http://127.0.0.1:9/\"\n    headers_env: {{X-Token: CARGO_MANIFEST_DIR}}\n\
+             receivers:\n  - name: hook\n    type: webhook\n    url: \"http://127.0.0.1:9/h\"\n    headers: {{X-Plain: plain}}\n    headers_file: {{Authorization: {}}}\n\
+             \x20 - name: chat\n    type: slack\n    url_file: {}\n\
+             \x20 - name: pd\n    type: pagerduty\n    routing_key_file: {}\n",
+            auth.display(),
+            url.display(),
+            key.display()
+        ))
+        .unwrap();
+        let r = c.all_receivers();
+        let ReceiverConfig::Webhook(legacy) = &r[0] else {
+            panic!("{r:?}")
+        };
+        assert_eq!(legacy.name, "webhook-1");
+        assert_eq!(
+            legacy.resolved.headers["X-Token"].expose(),
+            env!("CARGO_MANIFEST_DIR")
+        );
+        let ReceiverConfig::Webhook(hook) = &r[1] else {
+            panic!("{r:?}")
+        };
+        assert_eq!(
+            hook.resolved.headers["Authorization"].expose(),
+            "Bearer from-a-file"
+        );
+        assert_eq!(hook.resolved.headers["X-Plain"].expose(), "plain");
+        let ReceiverConfig::Slack(chat) = &r[2] else {
+            panic!("{r:?}")
+        };
+        assert_eq!(
+            chat.resolved.url.expose(),
+            "https://hooks.example/services/T0/B0/s3cr3t"
+        );
+        let ReceiverConfig::Pagerduty(pd) = &r[3] else {
+            panic!("{r:?}")
+        };
+        assert_eq!(pd.resolved_key.expose(), "R0UT1NG-from-file");
+        // Neither the debug form nor the serialized config shows a value read from elsewhere.
+        let shown = format!("{c:?}{}", serde_json::to_string(&c).unwrap());
+        for secret in [
+            "from-a-file",
+            env!("CARGO_MANIFEST_DIR"),
+            "s3cr3t",
+            "R0UT1NG",
+        ] {
+            assert!(!shown.contains(secret), "{secret} shown in {shown}");
+        }
+    }
+
+    #[test]
+    fn bad_secrets_are_named_by_their_key_without_their_value() {
+        let dir = tempfile::tempdir().unwrap();
+        let crlf = dir.path().join("crlf");
+        std::fs::write(&crlf, "Bearer a\r\nX-Evil: 1").unwrap();
+        let cases = [
+            (
+                "receivers:\n  - {name: h, type: webhook}\n".to_string(),
+                "notify.receivers[0].url",
+                "url_file",
+            ),
+            (
+                "receivers:\n  - {name: h, type: webhook, url: \"http://a/\", url_env: X}\n"
+                    .to_string(),
+                "notify.receivers[0].url",
+                "not several",
+            ),
+            (
+                "receivers:\n  - {name: p, type: pagerduty, routing_key_env: VIGIL_TEST_UNSET_9}\n"
+                    .to_string(),
+                "notify.receivers[0].routing_key_env",
+                "VIGIL_TEST_UNSET_9",
+            ),
+            (
+                "receivers:\n  - {name: p, type: pagerduty}\n".to_string(),
+                "notify.receivers[0].routing_key",
+                "missing",
+            ),
+            (
+                format!(
+                    "receivers:\n  - {{name: h, type: webhook, url: \"http://a/\", headers: {{A: x}}, headers_file: {{A: {}}}}}\n",
+                    crlf.display()
+                ),
+                "notify.receivers[0].headers.A",
+                "not several",
+            ),
+            (
+                format!(
+                    "webhooks:\n  - {{url: \"http://a/\", headers_file: {{Authorization: {}}}}}\n",
+                    crlf.display()
+                ),
+                "notify.webhooks[0].headers.Authorization",
+                "not a valid header value",
+            ),
+            (
+                "receivers:\n  - {name: m, type: email, host: h, from: a@b.c, to: [d@e.f], username: u, password_env: VIGIL_TEST_UNSET_9}\n"
+                    .to_string(),
+                "notify.receivers[0].password_env",
+                "not set",
+            ),
+        ];
+        for (yaml, key, why) in cases {
+            let e = parsed(&yaml).unwrap_err();
+            assert_eq!(e.key, key, "{yaml}: {e:?}");
+            assert!(e.reason.contains(why), "{yaml}: {e:?}");
+            assert!(!e.reason.contains("X-Evil"), "{e:?}");
+        }
     }
 }

@@ -13,6 +13,7 @@ use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 
 use super::{Webhook, WebhookFormat, is_resolve};
+use crate::secret::{self, Secret};
 use crate::store::AlertRow;
 
 /// HTTP receivers give up an attempt after this long.
@@ -38,10 +39,99 @@ pub enum ReceiverConfig {
 #[serde(deny_unknown_fields)]
 pub struct WebhookReceiver {
     pub name: String,
-    pub url: String,
-    /// Extra headers (e.g. an Authorization header).
+    /// The URL; one of `url`, `url_file`, `url_env` (a Slack webhook URL is itself a secret).
+    #[serde(default)]
+    pub url: Option<String>,
+    #[serde(default)]
+    pub url_file: Option<PathBuf>,
+    #[serde(default)]
+    pub url_env: Option<String>,
+    /// Extra headers (e.g. an Authorization header), inline,
     #[serde(default)]
     pub headers: BTreeMap<String, String>,
+    /// or each read from a file,
+    #[serde(default)]
+    pub headers_file: BTreeMap<String, PathBuf>,
+    /// or from an environment variable.
+    #[serde(default)]
+    pub headers_env: BTreeMap<String, String>,
+    /// What `validate` read; never serialized, never shown.
+    #[serde(skip)]
+    pub resolved: ResolvedHttp,
+}
+
+/// The URL and header values of an HTTP receiver as read from the config, files and
+/// environment.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ResolvedHttp {
+    pub url: Secret,
+    pub headers: BTreeMap<String, Secret>,
+}
+
+impl WebhookReceiver {
+    /// Reads the URL and every header value (inline, file or environment); errors name the key.
+    fn resolve(&mut self, resolve: &dyn Fn(&Path) -> PathBuf) -> Result<(), (String, String)> {
+        let url = secret::resolve(
+            secret::Ways {
+                key: "url",
+                inline: self.url.as_deref(),
+                file: self.url_file.as_deref(),
+                env: self.url_env.as_deref(),
+            },
+            resolve,
+        )?
+        .ok_or_else(|| {
+            (
+                "url".to_string(),
+                "missing: give url, url_file or url_env".to_string(),
+            )
+        })?;
+        // The URL's own text is shown only when it is written inline (it is no secret then).
+        check_url(url.expose()).map_err(|r| {
+            let key = if self.url.is_some() {
+                "url"
+            } else {
+                "url_file"
+            };
+            let r = if self.url.is_some() {
+                r
+            } else {
+                "is not an http(s) URL with a host".to_string()
+            };
+            (key.to_string(), r)
+        })?;
+        let mut headers = BTreeMap::new();
+        let names = self
+            .headers
+            .keys()
+            .chain(self.headers_file.keys())
+            .chain(self.headers_env.keys());
+        for k in names {
+            let value = secret::resolve(
+                secret::Ways {
+                    key: "headers",
+                    inline: self.headers.get(k).map(String::as_str),
+                    file: self.headers_file.get(k).map(PathBuf::as_path),
+                    env: self.headers_env.get(k).map(String::as_str),
+                },
+                resolve,
+            )
+            .map_err(|(key, r)| (format!("{key}.{k}"), r))?
+            .unwrap_or_default();
+            reqwest::header::HeaderName::from_bytes(k.as_bytes())
+                .map_err(|e| (format!("headers.{k}"), e.to_string()))?;
+            reqwest::header::HeaderValue::from_str(value.expose()).map_err(|_| {
+                (
+                    format!("headers.{k}"),
+                    "the value is not a valid header value (a line break or control character?)"
+                        .into(),
+                )
+            })?;
+            headers.insert(k.clone(), value);
+        }
+        self.resolved = ResolvedHttp { url, headers };
+        Ok(())
+    }
 }
 
 /// STARTTLS on an SMTP connection.
@@ -66,11 +156,16 @@ pub struct EmailReceiver {
     pub port: u16,
     #[serde(default)]
     pub starttls: StartTls,
-    /// SMTP AUTH user (with `password_file`).
+    /// SMTP AUTH user (with `password_file` or `password_env`).
     #[serde(default)]
     pub username: Option<String>,
     #[serde(default)]
     pub password_file: Option<PathBuf>,
+    #[serde(default)]
+    pub password_env: Option<String>,
+    /// The password `validate` read; never serialized, never shown.
+    #[serde(skip)]
+    pub resolved_password: Option<Secret>,
     pub from: String,
     pub to: Vec<String>,
     /// An extra CA (PEM) to trust for the server's certificate, besides the system's.
@@ -86,10 +181,19 @@ fn default_smtp_port() -> u16 {
 #[serde(deny_unknown_fields)]
 pub struct PagerDutyReceiver {
     pub name: String,
-    /// The integration's routing key.
-    pub routing_key: String,
+    /// The integration's routing key: one of `routing_key`, `routing_key_file`,
+    /// `routing_key_env`.
+    #[serde(default)]
+    pub routing_key: Option<String>,
+    #[serde(default)]
+    pub routing_key_file: Option<PathBuf>,
+    #[serde(default)]
+    pub routing_key_env: Option<String>,
     #[serde(default = "default_pagerduty_url")]
     pub url: String,
+    /// The key `validate` read; never serialized, never shown.
+    #[serde(skip)]
+    pub resolved_key: Secret,
 }
 
 fn default_pagerduty_url() -> String {
@@ -121,12 +225,17 @@ impl ReceiverConfig {
     pub fn from_webhook(i: usize, w: &Webhook) -> ReceiverConfig {
         let r = WebhookReceiver {
             name: format!("webhook-{}", i + 1),
-            url: w.url.clone(),
+            url: Some(w.url.clone()),
+            url_file: None,
+            url_env: None,
             headers: w
                 .headers
                 .iter()
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect(),
+            headers_file: w.headers_file.clone(),
+            headers_env: w.headers_env.clone(),
+            resolved: ResolvedHttp::default(),
         };
         match w.format {
             WebhookFormat::Json => ReceiverConfig::Webhook(r),
@@ -137,18 +246,25 @@ impl ReceiverConfig {
     /// Checks URLs, addresses and files (resolving relative paths); errors name the key.
     pub fn validate(&mut self, resolve: &dyn Fn(&Path) -> PathBuf) -> Result<(), (String, String)> {
         match self {
-            ReceiverConfig::Webhook(w) | ReceiverConfig::Slack(w) => {
-                check_url(&w.url).map_err(|r| ("url".to_string(), r))?;
-                for k in w.headers.keys() {
-                    reqwest::header::HeaderName::from_bytes(k.as_bytes())
-                        .map_err(|e| (format!("headers.{k}"), e.to_string()))?;
-                }
-            }
+            ReceiverConfig::Webhook(w) | ReceiverConfig::Slack(w) => w.resolve(resolve)?,
             ReceiverConfig::Pagerduty(p) => {
                 check_url(&p.url).map_err(|r| ("url".to_string(), r))?;
-                if p.routing_key.trim().is_empty() {
-                    return Err(("routing_key".into(), "is empty".into()));
-                }
+                p.resolved_key = secret::resolve(
+                    secret::Ways {
+                        key: "routing_key",
+                        inline: p.routing_key.as_deref(),
+                        file: p.routing_key_file.as_deref(),
+                        env: p.routing_key_env.as_deref(),
+                    },
+                    resolve,
+                )?
+                .ok_or_else(|| {
+                    (
+                        "routing_key".to_string(),
+                        "missing: give routing_key, routing_key_file or routing_key_env"
+                            .to_string(),
+                    )
+                })?;
             }
             ReceiverConfig::Email(e) => {
                 if e.host.is_empty() {
@@ -164,16 +280,25 @@ impl ReceiverConfig {
                     t.parse::<lettre::message::Mailbox>()
                         .map_err(|x| (format!("to[{i}]"), format!("{t:?}: {x}")))?;
                 }
-                if e.username.is_some() != e.password_file.is_some() {
+                e.resolved_password = secret::resolve(
+                    secret::Ways {
+                        key: "password",
+                        inline: None,
+                        file: e.password_file.as_deref(),
+                        env: e.password_env.as_deref(),
+                    },
+                    resolve,
+                )?;
+                if e.username.is_some() != e.resolved_password.is_some() {
                     return Err((
                         "username".into(),
-                        "username and password_file go together".into(),
+                        "username and password_file (or password_env) go together".into(),
                     ));
                 }
-                for (key, p) in [
-                    ("password_file", &mut e.password_file),
-                    ("ca_file", &mut e.ca_file),
-                ] {
+                if let Some(p) = &mut e.password_file {
+                    *p = resolve(p);
+                }
+                for (key, p) in [("ca_file", &mut e.ca_file)] {
                     if let Some(p) = p {
                         *p = resolve(p);
                         std::fs::read(&*p).map_err(|x| {
@@ -360,21 +485,21 @@ impl Receivers {
             let r: Arc<dyn Receiver> = match &rc {
                 ReceiverConfig::Webhook(w) => Arc::new(Http {
                     client: http.clone(),
-                    url: w.url.clone(),
-                    headers: w.headers.clone(),
+                    target: w.resolved.clone(),
                     format: Format::Json,
                 }),
                 ReceiverConfig::Slack(w) => Arc::new(Http {
                     client: http.clone(),
-                    url: w.url.clone(),
-                    headers: w.headers.clone(),
+                    target: w.resolved.clone(),
                     format: Format::Slack,
                 }),
                 ReceiverConfig::Pagerduty(p) => Arc::new(Http {
                     client: http.clone(),
-                    url: p.url.clone(),
-                    headers: BTreeMap::new(),
-                    format: Format::PagerDuty(p.routing_key.clone()),
+                    target: ResolvedHttp {
+                        url: Secret::new(p.url.clone()),
+                        headers: BTreeMap::new(),
+                    },
+                    format: Format::PagerDuty(p.resolved_key.clone()),
                 }),
                 ReceiverConfig::Email(e) => match Email::build(e) {
                     Ok(m) => Arc::new(m),
@@ -397,14 +522,13 @@ impl Receivers {
 enum Format {
     Json,
     Slack,
-    PagerDuty(String),
+    PagerDuty(Secret),
 }
 
 /// The HTTP receivers: JSON webhook, Slack, PagerDuty.
 struct Http {
     client: reqwest::Client,
-    url: String,
-    headers: BTreeMap<String, String>,
+    target: ResolvedHttp,
     format: Format,
 }
 
@@ -414,15 +538,15 @@ impl Receiver for Http {
             let body = match &self.format {
                 Format::Json => alert.body.clone(),
                 Format::Slack => alert.slack(),
-                Format::PagerDuty(key) => alert.pagerduty(key),
+                Format::PagerDuty(key) => alert.pagerduty(key.expose()),
             };
             let mut req = self
                 .client
-                .post(&self.url)
+                .post(self.target.url.expose())
                 .header("Idempotency-Key", &alert.id)
                 .json(&body);
-            for (k, v) in &self.headers {
-                req = req.header(k, v);
+            for (k, v) in &self.target.headers {
+                req = req.header(k, v.expose());
             }
             match req.send().await {
                 Ok(r) if r.status().is_success() => {
@@ -442,7 +566,9 @@ impl Receiver for Http {
                         format!("HTTP {status}: {text}"),
                     )
                 }
+                // Without the URL: it may be the secret (a Slack webhook's path is).
                 Err(e) => {
+                    let e = e.without_url();
                     let mut t = e.to_string();
                     let mut src = std::error::Error::source(&e);
                     while let Some(s) = src {
@@ -485,9 +611,8 @@ impl Email {
                 .port(e.port)
                 .tls(tls)
                 .timeout(Some(Duration::from_secs(30)));
-        if let (Some(user), Some(pw)) = (&e.username, &e.password_file) {
-            let pw = std::fs::read_to_string(pw).map_err(|x| format!("{}: {x}", pw.display()))?;
-            b = b.credentials(Credentials::new(user.clone(), pw.trim().to_string()));
+        if let (Some(user), Some(pw)) = (&e.username, &e.resolved_password) {
+            b = b.credentials(Credentials::new(user.clone(), pw.expose().to_string()));
         }
         Ok(Email {
             transport: b.build(),

@@ -339,7 +339,11 @@ impl Store {
         )
         .await?;
         for s in &cfg.services {
-            let spec = serde_json::to_value(&s.check).unwrap_or(serde_json::Value::Null);
+            // Without header values, URL credentials, bodies and arguments: the agent gets the
+            // real spec, the database only what describes the check.
+            let spec = crate::secret::redact_spec(
+                serde_json::to_value(&s.check).unwrap_or(serde_json::Value::Null),
+            );
             let stale_ms = s.stale_after().as_millis().min(i64::MAX as u128) as i64;
             tx.execute(
                 "INSERT INTO services (id, name, category, node, description, check_kind, spec,
