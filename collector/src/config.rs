@@ -321,6 +321,9 @@ pub struct CollectorFile {
     pub max_clock_skew: Duration,
 }
 
+/// The largest `max_clock_skew` accepted.
+const MAX_CLOCK_SKEW: Duration = Duration::from_secs(24 * 3600);
+
 fn default_max_clock_skew() -> Duration {
     Duration::from_secs(300)
 }
@@ -930,6 +933,15 @@ impl Config {
         if file.backlog_alert < Duration::from_secs(1) {
             return Err(invalid(path, "backlog_alert", "must be at least 1s"));
         }
+        // Below a second every result of a node a few milliseconds ahead would lose its time;
+        // above a day the rule would keep results dated tomorrow.
+        if file.max_clock_skew < Duration::from_secs(1) || file.max_clock_skew > MAX_CLOCK_SKEW {
+            return Err(invalid(
+                path,
+                "max_clock_skew",
+                "must be between 1s and 1day",
+            ));
+        }
         let mut file = file;
         file.notify
             .validate(&resolve)
@@ -1340,6 +1352,53 @@ defaults:
         );
         assert_eq!(s.check.interval, Duration::from_secs(30));
         assert_eq!(cfg.tls.ca, dir.path().join("certs/ca.pem"));
+    }
+
+    #[test]
+    fn max_clock_skew_has_bounds_and_database_url_a_file() {
+        let (dir, path) = setup(&[("db.yaml", TCP)]);
+        for (skew, ok) in [
+            ("0s", false),
+            ("500ms", false),
+            ("1s", true),
+            ("1day", true),
+            ("2days", false),
+        ] {
+            std::fs::write(&path, format!("{COLLECTOR}max_clock_skew: {skew}\n")).unwrap();
+            match load(&path) {
+                Ok(c) => assert!(ok, "{skew} accepted: {:?}", c.max_clock_skew),
+                Err(e) => {
+                    assert!(!ok, "{skew} refused: {e}");
+                    assert!(e.to_string().contains("max_clock_skew"), "{e}");
+                }
+            }
+        }
+        // The URL (with its password) from a file; the file and the inline URL together are
+        // refused at the key.
+        let url = dir.path().join("db-url");
+        std::fs::write(&url, "postgres://vigil:pw@127.0.0.1:5432/vigil\n").unwrap();
+        let from_file = COLLECTOR.replace(
+            "url: postgres://vigil@127.0.0.1:5432/vigil",
+            &format!("url_file: {}", url.display()),
+        );
+        std::fs::write(&path, &from_file).unwrap();
+        if std::env::var(DATABASE_URL_ENV).is_err() {
+            assert_eq!(
+                load(&path).unwrap().database_url,
+                "postgres://vigil:pw@127.0.0.1:5432/vigil"
+            );
+        }
+        let both = COLLECTOR.replace(
+            "  url: postgres://vigil@127.0.0.1:5432/vigil",
+            &format!("  url: postgres://x@h/d\n  url_file: {}", url.display()),
+        );
+        std::fs::write(&path, both).unwrap();
+        let e = load(&path).unwrap_err().to_string();
+        assert!(
+            e.contains("database.url") && e.contains("not several"),
+            "{e}"
+        );
+        assert!(!e.contains("pw@"), "{e}");
     }
 
     #[test]

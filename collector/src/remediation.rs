@@ -641,8 +641,14 @@ pub async fn on_agent_result(hub: &Hub, node: &str, mut r: v1::CommandResult) ->
         tracing::warn!(%node, command_id = id, command_node = %cmd.node, "an agent reported a command of another node; ignored");
         return true;
     }
+    // The agent's clock, held to the same rule as its results' (`max_clock_skew`).
+    let max_skew = hub.config().await.max_clock_skew;
+    let now_ms = Utc::now().timestamp_millis();
     let started_at = (r.started_at_ms > 0)
-        .then(|| Utc.timestamp_millis_opt(r.started_at_ms).single())
+        .then(|| {
+            let (at, _) = crate::grpc::plausible_start(r.started_at_ms, now_ms, max_skew);
+            Utc.timestamp_millis_opt(at).single()
+        })
         .flatten();
     if let Some(at) = started_at
         && let Err(e) = hub.store.command_started(id, at).await
@@ -655,8 +661,14 @@ pub async fn on_agent_result(hub: &Hub, node: &str, mut r: v1::CommandResult) ->
         return false;
     }
     if cmd.action == "check"
-        && let Some(c) = r.check.clone()
+        && let Some(mut c) = r.check.clone()
     {
+        let (at, skew) = crate::grpc::plausible_start(c.started_at_ms, now_ms, max_skew);
+        if let Some(skew_ms) = skew {
+            tracing::warn!(%node, command_id = id, skew_ms,
+                "a check-now result with an implausible time is stored with the receive time; check the node's clock");
+            c.started_at_ms = at;
+        }
         let svc_thresholds = hub
             .config()
             .await

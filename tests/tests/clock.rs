@@ -1,6 +1,6 @@
-//! Agents' clocks: results dated in 2100 or 1969 are stored with the receive time and recorded as
-//! a `clock` node event; the clock offset sent in Hello is recorded per node, shown in
-//! `/api/nodes` and flagged beyond `max_clock_skew`.
+//! Agents' clocks: results dated in 2100 or 1969 — streamed or answering a check-now — are stored
+//! with the receive time and recorded as a `clock` node event; the clock offset sent in Hello is
+//! recorded per node, shown in `/api/nodes` and flagged beyond `max_clock_skew`.
 
 use std::time::Duration;
 
@@ -163,6 +163,71 @@ async fn implausible_times_are_replaced_and_the_node_clock_is_recorded() -> anyh
         "{offset} {node}"
     );
     assert_eq!(node["clock_skewed"], true, "{node}");
+
+    // A check-now answered by the same agent, its clock still an hour ahead and the result
+    // dated 2100: stored (epoch 0) with the receive time, the command's start held to the rule.
+    let (op, _) = create_token(&collector.hub.store, "operator-1", Role::Operator).await?;
+    let force = {
+        let (http, base) = (http.clone(), base.clone());
+        tokio::spawn(async move {
+            http.post(format!("{base}/api/health-check/force/svc?wait=20"))
+                .bearer_auth(&op)
+                .send()
+                .await?
+                .json::<serde_json::Value>()
+                .await
+        })
+    };
+    let cmd = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            match inbound.message().await?.and_then(|m| m.msg) {
+                Some(Out::Command(c)) if c.action == "check" => return anyhow::Ok(c),
+                Some(_) => continue,
+                None => anyhow::bail!("stream ended without the check-now command"),
+            }
+        }
+    })
+    .await??;
+    let asked = Utc::now();
+    tx.send(AgentMessage {
+        msg: Some(In::CommandResult(v1::CommandResult {
+            command_id: cmd.command_id.clone(),
+            issuer: cmd.issuer.clone(),
+            success: true,
+            started_at_ms: y2100,
+            check: Some(v1::CheckResult {
+                seq: 0,
+                ..result(0, y2100)
+            }),
+            ..Default::default()
+        })),
+    })
+    .await?;
+    let answer = force.await??;
+    let answered = Utc::now();
+    assert_eq!(answer["command"]["status"], "succeeded", "{answer}");
+    let row = client
+        .query_one(
+            "SELECT started_at FROM check_results WHERE node = 'n1' AND outbox_epoch = 0",
+            &[],
+        )
+        .await?;
+    let at: DateTime<Utc> = row.get(0);
+    assert!(
+        at >= asked - chrono::Duration::seconds(1) && at <= answered,
+        "check-now result stored at {at}"
+    );
+    let started: Option<DateTime<Utc>> = client
+        .query_one(
+            "SELECT started_at FROM commands WHERE id = $1",
+            &[&cmd.command_id.parse::<i64>()?],
+        )
+        .await?
+        .get(0);
+    assert!(
+        started.is_some_and(|s| s <= answered),
+        "command started_at {started:?}"
+    );
     drop(tx);
     collector.shutdown().await;
     Ok(())
