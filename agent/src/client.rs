@@ -90,9 +90,23 @@ pub enum ClientError {
     Url { url: String, reason: String },
 }
 
-/// Builds the mTLS endpoint; every TLS file is read and checked here so that a bad one fails the
-/// start with an error naming it.
+/// Builds the mTLS endpoint of the first collector URL; every TLS file is read and checked here
+/// so that a bad one fails the start with an error naming it.
 pub fn build_endpoint(config: &AgentConfig) -> Result<Endpoint, ClientError> {
+    build_endpoint_for(config, &config.collector.url)
+}
+
+/// One mTLS endpoint per collector URL, in the order of `collector.urls`.
+pub fn build_endpoints(config: &AgentConfig) -> Result<Vec<(String, Endpoint)>, ClientError> {
+    config
+        .collector
+        .urls
+        .iter()
+        .map(|u| Ok((u.clone(), build_endpoint_for(config, u)?)))
+        .collect()
+}
+
+fn build_endpoint_for(config: &AgentConfig, url: &str) -> Result<Endpoint, ClientError> {
     let ca = read_file("CA certificate", &config.tls.ca)?;
     let cert = read_file("client certificate", &config.tls.cert)?;
     let key = read_file("private key", &config.tls.key)?;
@@ -108,8 +122,8 @@ pub fn build_endpoint(config: &AgentConfig) -> Result<Endpoint, ClientError> {
     let tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(&ca))
         .identity(Identity::from_pem(&cert, &key))
-        .domain_name(config.server_name());
-    let url = config.collector.url.clone();
+        .domain_name(config.server_name_for(url));
+    let url = url.to_string();
     let endpoint = Endpoint::from_shared(url.clone())
         .map_err(|e| ClientError::Url {
             url: url.clone(),
@@ -215,7 +229,11 @@ fn classify(status: &tonic::Status) -> Failure {
 /// The connection task and everything it needs.
 pub(crate) struct Client {
     pub node: String,
-    pub endpoint: Endpoint,
+    /// The collectors (URL, endpoint), tried in turn: one while it works, the next after any
+    /// failure.
+    pub endpoints: Vec<(String, Endpoint)>,
+    /// Index into `endpoints` of the collector this session uses.
+    pub current: usize,
     pub outbox: Arc<Outbox>,
     pub notify: Arc<Notify>,
     pub scheduler: Arc<Mutex<Scheduler>>,
@@ -291,11 +309,15 @@ impl Client {
                 self.inventory = None;
             }
             let delay = self.backoff.next_delay();
+            let collector = self.endpoints[self.current].0.clone();
+            // Any failure moves on to the next collector (with one, the same again).
+            self.current = (self.current + 1) % self.endpoints.len();
             let retry_in = humantime::format_duration(round_ms(delay)).to_string();
             match failure {
                 Failure::Refused(reason) => {
                     tracing::error!(
                         node = %self.node,
+                        %collector,
                         %retry_in,
                         "collector refused this agent: {reason}; check node: in agent.yaml and the certificate"
                     );
@@ -303,9 +325,9 @@ impl Client {
                 }
                 Failure::Lost(reason) => {
                     if welcomed {
-                        tracing::warn!(%reason, %retry_in, "connection to the collector lost");
+                        tracing::warn!(%collector, %reason, %retry_in, "connection to the collector lost");
                     } else {
-                        tracing::warn!(%reason, %retry_in, "cannot connect to the collector");
+                        tracing::warn!(%collector, %reason, %retry_in, "cannot connect to the collector");
                     }
                     self.state.send_replace(ConnState::Disconnected { reason });
                 }
@@ -381,7 +403,7 @@ impl Client {
             failure: Failure::Lost(reason),
         };
         let channel: Channel = tokio::select! {
-            c = self.endpoint.connect() => match c {
+            c = self.endpoints[self.current].1.connect() => match c {
                 Ok(c) => c,
                 Err(e) => return lost(false, describe(&e)),
             },

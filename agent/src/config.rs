@@ -56,8 +56,15 @@ pub struct AgentConfig {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CollectorConfig {
-    /// `https://host:port` of the collector's agent endpoint.
+    /// `https://host:port` of the collector's agent endpoint (or `urls`). After loading, the
+    /// first of `urls`.
+    #[serde(default)]
     pub url: String,
+    /// Several collectors of one cluster. The agent stays on one while it works and moves to
+    /// the next (in list order, round) after any failure; none is preferred. After loading,
+    /// holds `url` alone when `url` was given.
+    #[serde(default)]
+    pub urls: Vec<String>,
     /// Name verified in the collector's certificate (default: the URL's host).
     #[serde(default)]
     pub server_name: Option<String>,
@@ -138,6 +145,11 @@ impl AgentConfig {
             }
         })?;
         config.validate(path)?;
+        if config.collector.urls.is_empty() {
+            config.collector.urls = vec![config.collector.url.clone()];
+        } else {
+            config.collector.url = config.collector.urls[0].clone();
+        }
         let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
         let base = absolute.parent().unwrap_or(Path::new("."));
         config.resolve_paths(base);
@@ -146,10 +158,16 @@ impl AgentConfig {
 
     /// The name to verify in the collector's certificate: `server_name`, else the URL's host.
     pub fn server_name(&self) -> String {
+        self.server_name_for(&self.collector.url)
+    }
+
+    /// The name to verify in the certificate of the collector at `url`: `server_name`, else
+    /// the host of `url`.
+    pub fn server_name_for(&self, url: &str) -> String {
         if let Some(name) = &self.collector.server_name {
             return name.clone();
         }
-        url_host(&self.collector.url).unwrap_or_default()
+        url_host(url).unwrap_or_default()
     }
 
     /// Makes every relative path absolute against `base` (the config file's directory).
@@ -175,18 +193,47 @@ impl AgentConfig {
         if self.node.trim().is_empty() {
             return Err(invalid("node", "must not be empty".into()));
         }
-        let url = &self.collector.url;
-        if !url.starts_with("https://") {
-            return Err(invalid(
-                "collector.url",
-                format!("{url:?} must start with https:// (the agent stream is always mutual TLS)"),
-            ));
-        }
-        if url.parse::<tonic::transport::Uri>().is_err() || url_host(url).is_none() {
-            return Err(invalid(
-                "collector.url",
-                format!("{url:?} is not a valid URL"),
-            ));
+        let given: Vec<(String, &String)> = match (
+            self.collector.url.is_empty(),
+            self.collector.urls.is_empty(),
+        ) {
+            (false, false) => {
+                return Err(invalid(
+                    "collector.urls",
+                    "give collector.url or collector.urls, not both".into(),
+                ));
+            }
+            (true, true) => {
+                return Err(invalid(
+                    "collector.url",
+                    "missing: give collector.url (or collector.urls, a list)".into(),
+                ));
+            }
+            (false, true) => vec![("collector.url".to_string(), &self.collector.url)],
+            (true, false) => self
+                .collector
+                .urls
+                .iter()
+                .enumerate()
+                .map(|(i, u)| (format!("collector.urls[{i}]"), u))
+                .collect(),
+        };
+        let mut seen = std::collections::HashSet::new();
+        for (key, url) in given {
+            if !url.starts_with("https://") {
+                return Err(invalid(
+                    &key,
+                    format!(
+                        "{url:?} must start with https:// (the agent stream is always mutual TLS)"
+                    ),
+                ));
+            }
+            if url.parse::<tonic::transport::Uri>().is_err() || url_host(url).is_none() {
+                return Err(invalid(&key, format!("{url:?} is not a valid URL")));
+            }
+            if !seen.insert(url.as_str()) {
+                return Err(invalid(&key, format!("{url:?} is listed twice")));
+            }
         }
         if let Some(name) = &self.collector.server_name
             && name.trim().is_empty()
@@ -289,6 +336,54 @@ outbox_max_results: 1000
         assert_eq!(c.max_concurrent_checks, 16);
         assert_eq!(c.outbox_max_results, 1_000_000);
         assert_eq!(c.tls.ca, PathBuf::from("/etc/vigil/ca.pem"));
+    }
+
+    #[test]
+    fn several_collectors_are_a_list_checked_entry_by_entry() {
+        let base = "node: a\ntls: { ca: ca.pem, cert: a.pem, key: a.key }\nstate_dir: /s\n";
+        let load = |collector: &str| {
+            AgentConfig::from_yaml(
+                &format!("{base}collector:\n{collector}"),
+                Path::new("/etc/vigil/agent.yaml"),
+            )
+        };
+        let c = load("  urls: ['https://c1.example:7443', 'https://c2.example:7443']\n").unwrap();
+        assert_eq!(c.collector.urls.len(), 2);
+        assert_eq!(c.collector.url, "https://c1.example:7443");
+        assert_eq!(c.server_name_for(&c.collector.urls[1]), "c2.example");
+        // One url is a list of one.
+        let c = load("  url: 'https://c1.example:7443'\n").unwrap();
+        assert_eq!(
+            c.collector.urls,
+            vec!["https://c1.example:7443".to_string()]
+        );
+        for (collector, key, why) in [
+            (
+                "  url: 'https://c1:1'\n  urls: ['https://c2:1']\n",
+                "collector.urls",
+                "not both",
+            ),
+            ("  connect_timeout: 1s\n", "collector.url", "missing"),
+            ("  urls: []\n", "collector.url", "missing"),
+            (
+                "  urls: ['https://c1:1', 'http://c2:1']\n",
+                "collector.urls[1]",
+                "https://",
+            ),
+            (
+                "  urls: ['https://c1:1', 'https://c1:1']\n",
+                "collector.urls[1]",
+                "twice",
+            ),
+            (
+                "  urls: ['https://c1:1', \"https://\\0:1\"]\n",
+                "collector.urls[1]",
+                "not a valid URL",
+            ),
+        ] {
+            let e = load(collector).unwrap_err().to_string();
+            assert!(e.contains(key) && e.contains(why), "{collector}: {e}");
+        }
     }
 
     #[test]

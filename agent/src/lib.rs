@@ -87,7 +87,7 @@ impl Agent {
             path: state_dir.clone(),
             source,
         })?;
-        let endpoint = client::build_endpoint(&config)?;
+        let endpoints = client::build_endpoints(&config)?;
 
         let outbox_path = state_dir.join(outbox::FILE_NAME);
         let max = config.outbox_max_results;
@@ -127,14 +127,15 @@ impl Agent {
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         tracing::info!(
             node = %config.node,
-            collector = %config.collector.url,
+            collectors = %config.collector.urls.join(", "),
             outbox_epoch = outbox.epoch(),
             state_dir = %state_dir.display(),
             "agent started"
         );
         let client = Client {
             node: config.node.clone(),
-            endpoint,
+            endpoints,
+            current: 0,
             outbox: outbox.clone(),
             notify,
             scheduler: scheduler.clone(),
