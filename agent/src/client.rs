@@ -24,6 +24,7 @@ use tokio::sync::{Mutex, Notify, mpsc, watch};
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use vigil_error::{describe, with_causes};
 use vigil_proto::agent_message::Msg as Out;
 use vigil_proto::agent_service_client::AgentServiceClient;
 use vigil_proto::collector_message::Msg as In;
@@ -181,20 +182,6 @@ fn check_certs(what: &'static str, path: &Path, pem: &[u8]) -> Result<(), Client
     Ok(())
 }
 
-/// An error and all its sources, joined by ": " (tonic's own messages say little alone).
-pub(crate) fn describe(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut parts: Vec<String> = vec![e.to_string()];
-    let mut source = e.source();
-    while let Some(s) = source {
-        let text = s.to_string();
-        if !parts.iter().any(|p| p.contains(&text)) {
-            parts.push(text);
-        }
-        source = s.source();
-    }
-    parts.join(": ")
-}
-
 /// How a session ended.
 enum SessionEnd {
     Shutdown,
@@ -213,16 +200,10 @@ fn classify(status: &tonic::Status) -> Failure {
         tonic::Code::PermissionDenied | tonic::Code::Unauthenticated => {
             Failure::Refused(format!("{:?}: {}", status.code(), status.message()))
         }
-        code => {
-            let mut text = format!("{code:?}: {}", status.message());
-            if let Some(src) = std::error::Error::source(status) {
-                let more = describe(src);
-                if !text.contains(&more) {
-                    text = format!("{text}: {more}");
-                }
-            }
-            Failure::Lost(text)
-        }
+        code => Failure::Lost(with_causes(
+            format!("{code:?}: {}", status.message()),
+            status,
+        )),
     }
 }
 

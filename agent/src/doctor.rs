@@ -3,110 +3,20 @@
 //! and the state directory. Each finding is one line `OK|WARN|ERROR <what>: <detail> — <how to
 //! fix>`; doctor changes nothing (it does not even create the state directory).
 
-use std::fmt;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
-use rustls::server::WebPkiClientVerifier;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::{CertificateError, ClientConfig, ClientConnection, RootCertStore};
 use vigil_checks::gpu::{GpuSource, NvmlSource};
+pub use vigil_doctor::{Finding, Level, PROBE_TIMEOUT, Report};
+use vigil_doctor::{Purpose, Signed, common_name, secret_files, signed_by, validity};
 
 use crate::config::AgentConfig;
-
-/// Limit for each probe (TCP connect, TLS handshake, Docker, NVML).
-pub const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
-/// A certificate expiring sooner than this is a warning.
-pub const EXPIRY_WARNING: Duration = Duration::from_secs(30 * 24 * 3600);
-
-/// How bad a finding is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Level {
-    Ok,
-    Warn,
-    Error,
-}
-
-impl Level {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Level::Ok => "OK",
-            Level::Warn => "WARN",
-            Level::Error => "ERROR",
-        }
-    }
-}
-
-/// One line of the report.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Finding {
-    pub level: Level,
-    /// What was checked (`client certificate /etc/vigil/gpu-01.pem`).
-    pub what: String,
-    /// What was found.
-    pub detail: String,
-    /// How to fix it (empty for OK).
-    pub fix: String,
-}
-
-impl Finding {
-    fn new(level: Level, what: impl Into<String>, detail: impl Into<String>, fix: &str) -> Self {
-        Finding {
-            level,
-            what: what.into(),
-            detail: detail.into(),
-            fix: fix.to_string(),
-        }
-    }
-
-    fn ok(what: impl Into<String>, detail: impl Into<String>) -> Self {
-        Self::new(Level::Ok, what, detail, "")
-    }
-
-    fn warn(what: impl Into<String>, detail: impl Into<String>, fix: &str) -> Self {
-        Self::new(Level::Warn, what, detail, fix)
-    }
-
-    fn error(what: impl Into<String>, detail: impl Into<String>, fix: &str) -> Self {
-        Self::new(Level::Error, what, detail, fix)
-    }
-}
-
-impl fmt::Display for Finding {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} {}: {}", self.level.as_str(), self.what, self.detail)?;
-        if !self.fix.is_empty() {
-            write!(f, " — {}", self.fix)?;
-        }
-        Ok(())
-    }
-}
-
-/// Every finding, in the order the checks ran.
-#[derive(Debug, Clone, Default)]
-pub struct Report {
-    pub findings: Vec<Finding>,
-}
-
-impl Report {
-    /// Whether any finding is an ERROR (the exit status is then non-zero).
-    pub fn has_errors(&self) -> bool {
-        self.findings.iter().any(|f| f.level == Level::Error)
-    }
-}
-
-impl fmt::Display for Report {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for finding in &self.findings {
-            writeln!(f, "{finding}")?;
-        }
-        Ok(())
-    }
-}
 
 /// Runs every check for the agent configured by `path`.
 pub async fn run(path: &Path) -> Report {
@@ -147,13 +57,6 @@ fn renew_agent(node: &str) -> String {
 const RENEW_CA: &str = "the CA belongs to the collector: run `vigil-collector doctor` there, \
     then copy its current ca.pem here";
 
-fn unix_secs(t: SystemTime) -> i64 {
-    match t.duration_since(UNIX_EPOCH) {
-        Ok(d) => i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
-        Err(e) => -i64::try_from(e.duration().as_secs()).unwrap_or(i64::MAX),
-    }
-}
-
 /// Reads every certificate of a PEM file.
 fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
     let pem = std::fs::read(path).map_err(|e| format!("cannot read: {e}"))?;
@@ -164,66 +67,6 @@ fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
         return Err("no PEM certificate found (expected a \"CERTIFICATE\" block)".into());
     }
     Ok(certs)
-}
-
-/// Validity of one certificate: ERROR when expired or not yet valid, WARN when it expires within
-/// [`EXPIRY_WARNING`], else OK with the date.
-fn validity(what: &str, der: &CertificateDer<'_>, now: SystemTime, renew: &str) -> Finding {
-    let cert = match x509_parser::parse_x509_certificate(der.as_ref()) {
-        Ok((_, c)) => c,
-        Err(e) => {
-            return Finding::error(what, format!("not a valid X.509 certificate: {e}"), renew);
-        }
-    };
-    let now = unix_secs(now);
-    let v = cert.validity();
-    let (nb, na) = (v.not_before.timestamp(), v.not_after.timestamp());
-    let date = |t: &x509_parser::time::ASN1Time| t.to_datetime().date().to_string();
-    if now < nb {
-        return Finding::error(
-            what,
-            format!("not valid before {}", date(&v.not_before)),
-            "check this machine's clock (timedatectl), or wait until then",
-        );
-    }
-    if now > na {
-        return Finding::error(what, format!("expired on {}", date(&v.not_after)), renew);
-    }
-    let left_days = (na - now) / 86_400;
-    if na - now < i64::try_from(EXPIRY_WARNING.as_secs()).unwrap_or(i64::MAX) {
-        return Finding::warn(
-            what,
-            format!("expires on {} (in {left_days} days)", date(&v.not_after)),
-            renew,
-        );
-    }
-    Finding::ok(
-        what,
-        format!("valid until {} ({left_days} days)", date(&v.not_after)),
-    )
-}
-
-/// Now, clamped into the certificate's validity, so that checking who signed it is not masked
-/// by its expiry (reported separately; webpki does not check the CA's own dates).
-fn within_validity(leaf: &CertificateDer<'_>, now: SystemTime) -> UnixTime {
-    let now = unix_secs(now);
-    let t = match x509_parser::parse_x509_certificate(leaf.as_ref()) {
-        Ok((_, c)) => {
-            let (nb, na) = (
-                c.validity().not_before.timestamp(),
-                c.validity().not_after.timestamp(),
-            );
-            if nb <= na { now.clamp(nb, na) } else { now }
-        }
-        Err(_) => now,
-    };
-    UnixTime::since_unix_epoch(Duration::from_secs(u64::try_from(t).unwrap_or(0)))
-}
-
-fn common_name(der: &CertificateDer<'_>) -> Option<String> {
-    let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).ok()?;
-    let cn = cert.subject().iter_common_name().next()?.as_str().ok()?;
-    Some(cn.to_string())
 }
 
 /// The TLS files, when all of them are usable.
@@ -280,7 +123,7 @@ fn check_files(
                     "its common name is {cn}, but agent.yaml says node: {node} (the collector \
                      refuses the agent)"
                 ),
-                &format!(
+                format!(
                     "set node: {cn} in agent.yaml if this is node {cn}; else install {node}'s \
                      certificate ({})",
                     renew
@@ -319,13 +162,7 @@ fn check_files(
             }
         },
     };
-    if let Some(mode) = key_mode(&config.tls.key) {
-        out.push(Finding::warn(
-            &key_what,
-            format!("readable by group or others (mode {mode:04o})"),
-            &format!("chmod 600 {}", config.tls.key.display()),
-        ));
-    }
+    out.extend(secret_files([("private key", config.tls.key.as_path())]));
     let (Some(key), Some(chain), Some(roots)) = (key, chain, roots) else {
         return None;
     };
@@ -347,20 +184,13 @@ fn check_files(
             out.push(Finding::error(
                 &key_what,
                 format!("does not go with {}: {e}", config.tls.cert.display()),
-                &format!(
+                format!(
                     "tls.key must be the key issued with tls.cert ({node}.key next to {node}.pem)"
                 ),
             ));
             None
         }
     }
-}
-
-/// Mode bits of a key file readable by group or others.
-fn key_mode(path: &Path) -> Option<u32> {
-    use std::os::unix::fs::PermissionsExt;
-    let mode = std::fs::metadata(path).ok()?.permissions().mode() & 0o777;
-    (mode & 0o077 != 0).then_some(mode)
 }
 
 /// Whether the client certificate is signed by the CA file; returns the CA as roots when usable.
@@ -372,55 +202,33 @@ fn signed_by_ca(
     out: &mut Vec<Finding>,
 ) -> Option<RootCertStore> {
     let ca_path = config.tls.ca.display();
-    let mut roots = RootCertStore::empty();
-    for c in ca {
-        if let Err(e) = roots.add(c.clone()) {
-            out.push(Finding::error(
-                format!("CA certificate {ca_path}"),
-                format!("not a usable CA certificate: {e}"),
-                RENEW_CA,
-            ));
-            return None;
-        }
-    }
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let verifier = match WebPkiClientVerifier::builder_with_provider(
-        Arc::new(roots.clone()),
-        provider,
-    )
-    .build()
-    {
-        Ok(v) => v,
-        Err(e) => {
-            out.push(Finding::error(
-                format!("CA certificate {ca_path}"),
-                format!("not a usable CA certificate: {e}"),
-                RENEW_CA,
-            ));
-            return None;
-        }
-    };
-    let when = within_validity(&chain[0], SystemTime::now());
     let fix = format!(
         "tls.ca must be the collector's ca.pem and tls.cert a certificate it issued: {}",
         renew_agent(&config.node)
     );
-    match verifier.verify_client_cert(&chain[0], &chain[1..], when) {
-        Ok(_) => out.push(Finding::ok(what, format!("signed by the CA in {ca_path}"))),
-        Err(rustls::Error::InvalidCertificate(
-            CertificateError::UnknownIssuer | CertificateError::BadSignature,
-        )) => out.push(Finding::error(
+    let (signed, roots) = signed_by(chain, ca, Purpose::Client, SystemTime::now());
+    match signed {
+        Signed::Yes => out.push(Finding::ok(what, format!("signed by the CA in {ca_path}"))),
+        Signed::NotByCa => out.push(Finding::error(
             what,
             format!("not signed by the CA in {ca_path}"),
             &fix,
         )),
-        Err(e) => out.push(Finding::error(
+        Signed::BadCa(e) => {
+            out.push(Finding::error(
+                format!("CA certificate {ca_path}"),
+                format!("not a usable CA certificate: {e}"),
+                RENEW_CA,
+            ));
+            return None;
+        }
+        Signed::BadCert(e) | Signed::Refused(e) => out.push(Finding::error(
             what,
             format!("not accepted under the CA in {ca_path}: {e}"),
             &fix,
         )),
     }
-    Some(roots)
+    roots
 }
 
 /// `(host, port)` of the collector URL.
@@ -776,11 +584,29 @@ mod tests {
     use super::*;
 
     #[test]
-    fn finding_line_format() {
-        let f = Finding::warn("NVIDIA driver", "no NVIDIA driver found", "install it");
+    fn client_key_readable_by_others_is_a_warning() {
+        use std::os::unix::fs::PermissionsExt;
+        let pki = vigil_testkit::pki::Pki::new("node-a");
+        let yaml = pki.agent_yaml("https://127.0.0.1:1", &pki.file("state"), "");
+        let config = AgentConfig::from_yaml(&yaml, &pki.file("agent.yaml")).unwrap();
+        let key = pki.file("client.key");
+        let warnings = |mode: u32| {
+            std::fs::set_permissions(&key, std::fs::Permissions::from_mode(mode)).unwrap();
+            let mut out = Vec::new();
+            let material = check_files(&config, SystemTime::now(), &mut out);
+            assert!(material.is_some(), "{out:#?}");
+            out.iter()
+                .filter(|f| f.level != Level::Ok)
+                .map(|f| f.to_string())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(warnings(0o600), Vec::<String>::new());
         assert_eq!(
-            f.to_string(),
-            "WARN NVIDIA driver: no NVIDIA driver found — install it"
+            warnings(0o644),
+            vec![format!(
+                "WARN private key {0}: readable by group or others (mode 0644) — chmod 600 {0}",
+                key.display()
+            )]
         );
     }
 

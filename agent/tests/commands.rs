@@ -3,19 +3,13 @@
 //! restart steps, a failing step, a step past its timeout, check-now, a command past its
 //! deadline, a slow command that does not hold up the stream, and the `docker` capability.
 
-use std::net::SocketAddr;
-use std::path::Path;
 use std::pin::Pin;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
-    KeyPair, KeyUsagePurpose,
-};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
-use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
-use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::service::Routes;
 use tonic::{Request, Response, Status, Streaming};
 use vigil_agent::{Agent, AgentConfig, AgentHandle};
 use vigil_control::{Action, How, Plan};
@@ -26,6 +20,8 @@ use vigil_proto::{
     Ack, AgentMessage, CheckAssignment, CollectorMessage, Command, CommandResult, ConfigUpdate,
     Hello, Ping, Welcome,
 };
+use vigil_testkit::grpc;
+use vigil_testkit::pki::Pki;
 
 const NODE: &str = "node-a";
 const DEADLINE: Duration = Duration::from_secs(30);
@@ -110,49 +106,6 @@ impl AgentService for Fake {
     }
 }
 
-struct Pki {
-    dir: tempfile::TempDir,
-}
-
-impl Pki {
-    fn new() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca_params
-            .distinguished_name
-            .push(DnType::CommonName, "vigil test CA");
-        ca_params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
-        std::fs::write(dir.path().join("ca.pem"), ca.pem()).unwrap();
-        for (name, cn, eku) in [
-            ("server", "localhost", ExtendedKeyUsagePurpose::ServerAuth),
-            ("client", NODE, ExtendedKeyUsagePurpose::ClientAuth),
-        ] {
-            let key = KeyPair::generate().unwrap();
-            let mut p = CertificateParams::new(vec![cn.to_string()]).unwrap();
-            p.distinguished_name.push(DnType::CommonName, cn);
-            p.extended_key_usages = vec![eku];
-            let cert = p.signed_by(&key, &ca).unwrap();
-            std::fs::write(dir.path().join(format!("{name}.pem")), cert.pem()).unwrap();
-            std::fs::write(dir.path().join(format!("{name}.key")), key.serialize_pem()).unwrap();
-        }
-        Pki { dir }
-    }
-
-    fn read(&self, name: &str) -> Vec<u8> {
-        std::fs::read(self.dir.path().join(name)).unwrap()
-    }
-
-    fn path(&self) -> &Path {
-        self.dir.path()
-    }
-}
-
 /// A fake collector, an agent connected to it, and the sender of the agent's session.
 struct Setup {
     _pki: Pki,
@@ -166,36 +119,15 @@ struct Setup {
 
 impl Setup {
     async fn start() -> Self {
-        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-        let pki = Pki::new();
+        let pki = Pki::new(NODE);
         let state = tempfile::tempdir().unwrap();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr: SocketAddr = listener.local_addr().unwrap();
         let (etx, events) = mpsc::unbounded_channel();
-        let tls = ServerTlsConfig::new()
-            .identity(Identity::from_pem(
-                pki.read("server.pem"),
-                pki.read("server.key"),
-            ))
-            .client_ca_root(Certificate::from_pem(pki.read("ca.pem")));
-        let server = Server::builder()
-            .tls_config(tls)
-            .unwrap()
-            .add_service(AgentServiceServer::new(Fake { events: etx }))
-            .serve_with_incoming(TcpListenerStream::new(listener));
-        let server = tokio::spawn(async move {
-            let _ = server.await;
-        });
-
-        let yaml = format!(
-            "node: {NODE}\n\
-             collector: {{ url: 'https://127.0.0.1:{}', server_name: localhost, connect_timeout: 2s }}\n\
-             tls: {{ ca: ca.pem, cert: client.pem, key: client.key }}\n\
-             state_dir: '{}'\n\
-             reconnect: {{ initial: 200ms, max: 400ms }}\n",
-            addr.port(),
-            state.path().display()
-        );
+        let server = grpc::serve_mtls(
+            &pki,
+            Routes::new(AgentServiceServer::new(Fake { events: etx })),
+        )
+        .await;
+        let yaml = pki.agent_yaml(&server.url(), state.path(), "");
         let config = AgentConfig::from_yaml(&yaml, &pki.path().join("agent.yaml")).unwrap();
         let agent = Agent::start(config).await.unwrap();
         let mut setup = Setup {
@@ -205,7 +137,7 @@ impl Setup {
             events,
             to_agent: mpsc::channel(1).0,
             hello: Hello::default(),
-            server,
+            server: server.task,
         };
         (setup.to_agent, setup.hello) = setup
             .expect("a session", |e| match e {
@@ -230,17 +162,8 @@ impl Setup {
     }
 
     /// Waits for an event matching `pred`, skipping others.
-    async fn expect<T>(&mut self, what: &str, mut pred: impl FnMut(&Event) -> Option<T>) -> T {
-        let deadline = Instant::now() + DEADLINE;
-        loop {
-            let ev = tokio::time::timeout_at(deadline, self.events.recv())
-                .await
-                .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
-                .expect("fake collector gone");
-            if let Some(t) = pred(&ev) {
-                return t;
-            }
-        }
+    async fn expect<T>(&mut self, what: &str, pred: impl FnMut(&Event) -> Option<T>) -> T {
+        grpc::expect(&mut self.events, what, DEADLINE, pred).await
     }
 
     /// Sends `cmd` and waits for its result.

@@ -4,7 +4,7 @@
 //! must follow, which only the `die` event can explain.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use tokio::sync::{Mutex, Notify};
 use tokio::time::Instant;
@@ -12,47 +12,7 @@ use vigil_agent::docker_events::DockerEvents;
 use vigil_agent::outbox::{self, Outbox};
 use vigil_agent::scheduler::Scheduler;
 use vigil_proto::{CheckAssignment, CheckResult, ConfigUpdate, Status};
-
-/// Runs the docker CLI; panics with its output on failure.
-fn docker(args: &[&str]) -> String {
-    let out = std::process::Command::new("docker")
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run docker {args:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "docker {args:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
-/// Removes the container when the test ends, however it ends.
-struct Removed(String);
-
-impl Drop for Removed {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("docker")
-            .args(["rm", "-f", &self.0])
-            .output();
-    }
-}
-
-/// The local test image (built from Debian's static busybox; never pulled).
-fn image() -> String {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/images/busybox.sh");
-    let out = std::process::Command::new("bash")
-        .arg(script)
-        .output()
-        .expect("run deploy/images/busybox.sh");
-    assert!(
-        out.status.success(),
-        "building the busybox image failed (is the Docker engine running?): {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
+use vigil_testkit::docker::{Container, docker};
 
 fn assignment(service_id: &str, spec: serde_json::Value) -> CheckAssignment {
     CheckAssignment {
@@ -93,25 +53,8 @@ async fn next_result(
 async fn killed_container_is_reported_at_once() {
     // Docker is a real dependency of this test: unreachable is a failure, not a skip.
     docker(&["version", "--format", "{{.Server.Version}}"]);
-    let image = image();
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    let name = format!("vigil-test-{}-{nanos}", std::process::id());
-    let _guard = Removed(name.clone());
-    docker(&[
-        "run",
-        "-d",
-        "--name",
-        &name,
-        "--network",
-        "none",
-        &image,
-        "sh",
-        "-c",
-        "while true; do sleep 1; done",
-    ]);
+    let container = Container::run_sh("while true; do sleep 1; done").unwrap();
+    let name = container.name.clone();
 
     let dir = tempfile::tempdir().unwrap();
     let ob = Arc::new(Outbox::open(&dir.path().join(outbox::FILE_NAME), 10_000).unwrap());

@@ -14,14 +14,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use prost::Message;
-use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
-    KeyPair, KeyUsagePurpose,
-};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
-use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
-use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::service::Routes;
 use tonic::{Request, Response, Status, Streaming};
 use vigil_agent::cache::ConfigCache;
 use vigil_agent::client::{MAX_BATCH_BYTES, MAX_IN_FLIGHT_BYTES};
@@ -34,6 +30,8 @@ use vigil_proto::{
     Ack, AgentMessage, AgentStatus, CheckAssignment, CheckResult, CollectorMessage, Command,
     ConfigUpdate, Hello, Metric, Ping, Welcome, sanitize,
 };
+use vigil_testkit::grpc;
+use vigil_testkit::pki::Pki;
 
 const NODE: &str = "node-a";
 const DEADLINE: Duration = Duration::from_secs(30);
@@ -194,49 +192,6 @@ impl AgentService for Fake {
     }
 }
 
-struct Pki {
-    dir: tempfile::TempDir,
-}
-
-impl Pki {
-    fn new() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca_params
-            .distinguished_name
-            .push(DnType::CommonName, "vigil test CA");
-        ca_params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
-        std::fs::write(dir.path().join("ca.pem"), ca.pem()).unwrap();
-        for (name, cn, eku) in [
-            ("server", "localhost", ExtendedKeyUsagePurpose::ServerAuth),
-            ("client", NODE, ExtendedKeyUsagePurpose::ClientAuth),
-        ] {
-            let key = KeyPair::generate().unwrap();
-            let mut p = CertificateParams::new(vec![cn.to_string()]).unwrap();
-            p.distinguished_name.push(DnType::CommonName, cn);
-            p.extended_key_usages = vec![eku];
-            let cert = p.signed_by(&key, &ca).unwrap();
-            std::fs::write(dir.path().join(format!("{name}.pem")), cert.pem()).unwrap();
-            std::fs::write(dir.path().join(format!("{name}.key")), key.serialize_pem()).unwrap();
-        }
-        Pki { dir }
-    }
-
-    fn read(&self, name: &str) -> Vec<u8> {
-        std::fs::read(self.dir.path().join(name)).unwrap()
-    }
-
-    fn path(&self) -> &Path {
-        self.dir.path()
-    }
-}
-
 struct FakeCollector {
     addr: SocketAddr,
     events: mpsc::UnboundedReceiver<Event>,
@@ -249,9 +204,6 @@ struct FakeCollector {
 
 impl FakeCollector {
     async fn start(pki: &Pki, refuse: bool) -> Self {
-        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
         let (etx, events) = mpsc::unbounded_channel();
         let ack = Arc::new(AtomicBool::new(true));
         let drop_after = Arc::new(AtomicUsize::new(0));
@@ -265,43 +217,21 @@ impl FakeCollector {
             answer_delay_ms: answer_delay_ms.clone(),
             welcome_open: welcome_open.clone(),
         };
-        let tls = ServerTlsConfig::new()
-            .identity(Identity::from_pem(
-                pki.read("server.pem"),
-                pki.read("server.key"),
-            ))
-            .client_ca_root(Certificate::from_pem(pki.read("ca.pem")));
-        let server = Server::builder()
-            .tls_config(tls)
-            .unwrap()
-            .add_service(AgentServiceServer::new(fake))
-            .serve_with_incoming(TcpListenerStream::new(listener));
-        let task = tokio::spawn(async move {
-            let _ = server.await;
-        });
+        let server = grpc::serve_mtls(pki, Routes::new(AgentServiceServer::new(fake))).await;
         FakeCollector {
-            addr,
+            addr: server.addr,
             events,
             ack,
             drop_after,
             answer_delay_ms,
             welcome_open,
-            task,
+            task: server.task,
         }
     }
 
     /// Waits for an event matching `pred`, skipping others.
-    async fn expect<T>(&mut self, what: &str, mut pred: impl FnMut(&Event) -> Option<T>) -> T {
-        let deadline = Instant::now() + DEADLINE;
-        loop {
-            let ev = tokio::time::timeout_at(deadline, self.events.recv())
-                .await
-                .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
-                .expect("fake collector gone");
-            if let Some(t) = pred(&ev) {
-                return t;
-            }
-        }
+    async fn expect<T>(&mut self, what: &str, pred: impl FnMut(&Event) -> Option<T>) -> T {
+        grpc::expect(&mut self.events, what, DEADLINE, pred).await
     }
 }
 
@@ -311,14 +241,7 @@ fn agent_config(pki: &Pki, state_dir: &Path, url: &str) -> AgentConfig {
 
 /// [`agent_config`] with more agent.yaml lines.
 fn agent_config_with(pki: &Pki, state_dir: &Path, url: &str, extra: &str) -> AgentConfig {
-    let yaml = format!(
-        "node: {NODE}\n\
-         collector: {{ url: '{url}', server_name: localhost, connect_timeout: 2s }}\n\
-         tls: {{ ca: ca.pem, cert: client.pem, key: client.key }}\n\
-         state_dir: '{}'\n\
-         reconnect: {{ initial: 200ms, max: 400ms }}\n{extra}",
-        state_dir.display()
-    );
+    let yaml = pki.agent_yaml(url, state_dir, extra);
     AgentConfig::from_yaml(&yaml, &pki.path().join("agent.yaml")).unwrap()
 }
 
@@ -353,7 +276,7 @@ where
 
 #[tokio::test]
 async fn stream_delivers_results_and_handles_collector_messages() {
-    let pki = Pki::new();
+    let pki = Pki::new(NODE);
     let state = tempfile::tempdir().unwrap();
     let mut fake = FakeCollector::start(&pki, false).await;
     let url = format!("https://127.0.0.1:{}", fake.addr.port());
@@ -442,7 +365,7 @@ async fn stream_delivers_results_and_handles_collector_messages() {
 
 #[tokio::test]
 async fn unacked_results_are_resent_after_reconnect_and_cached_config_runs_offline() {
-    let pki = Pki::new();
+    let pki = Pki::new(NODE);
     let state = tempfile::tempdir().unwrap();
     let mut fake = FakeCollector::start(&pki, false).await;
     fake.ack.store(false, Ordering::SeqCst);
@@ -508,7 +431,7 @@ async fn unacked_results_are_resent_after_reconnect_and_cached_config_runs_offli
 
 #[tokio::test]
 async fn refused_agent_reports_it_and_backs_off() {
-    let pki = Pki::new();
+    let pki = Pki::new(NODE);
     let state = tempfile::tempdir().unwrap();
     let mut fake = FakeCollector::start(&pki, true).await;
     let url = format!("https://127.0.0.1:{}", fake.addr.port());
@@ -544,7 +467,7 @@ async fn refused_agent_reports_it_and_backs_off() {
 
 #[tokio::test]
 async fn unreadable_tls_file_fails_start_naming_it() {
-    let pki = Pki::new();
+    let pki = Pki::new(NODE);
     let state = tempfile::tempdir().unwrap();
     let mut config = agent_config(&pki, state.path(), "https://127.0.0.1:1");
     config.tls.key = pki.path().join("missing.key");
@@ -581,7 +504,7 @@ fn assert_none_lost(state_dir: &Path, delivered: &BTreeSet<u64>) -> u64 {
 /// deleted them.) Six sessions, each acked and ended by the fake after its first batch.
 #[tokio::test]
 async fn results_appended_while_the_hello_is_answered_are_not_lost() {
-    let pki = Pki::new();
+    let pki = Pki::new(NODE);
     let state = tempfile::tempdir().unwrap();
     let mut fake = FakeCollector::start(&pki, false).await;
     fake.answer_delay_ms.store(1000, Ordering::SeqCst);
@@ -645,7 +568,7 @@ async fn hello(fake: &mut FakeCollector) -> Hello {
 
 #[tokio::test]
 async fn hello_carries_next_seq_epoch_start_and_status_of_the_outbox() {
-    let pki = Pki::new();
+    let pki = Pki::new(NODE);
     let state = tempfile::tempdir().unwrap();
     // An outbox left by an earlier run: 8 results, 3 dropped (bound 5), 4 acknowledged.
     let started = now_ms() - 60_000;
@@ -693,7 +616,7 @@ async fn hello_carries_next_seq_epoch_start_and_status_of_the_outbox() {
 
 #[tokio::test]
 async fn a_status_arrives_every_interval_while_connected() {
-    let pki = Pki::new();
+    let pki = Pki::new(NODE);
     let state = tempfile::tempdir().unwrap();
     let mut fake = FakeCollector::start(&pki, false).await;
     let url = format!("https://127.0.0.1:{}", fake.addr.port());
@@ -731,7 +654,7 @@ async fn a_status_arrives_every_interval_while_connected() {
 /// told by a Status before it gets the batch that starts after the gap.
 #[tokio::test]
 async fn a_drop_is_reported_by_a_status_before_the_batch_after_the_gap() {
-    let pki = Pki::new();
+    let pki = Pki::new(NODE);
     let state = tempfile::tempdir().unwrap();
     {
         let ob = Outbox::open(&state.path().join(outbox::FILE_NAME), 3).unwrap();
@@ -841,7 +764,7 @@ fn write_old_outbox(path: &Path, epoch: u64, next_seq: u64, held: &[CheckResult]
 
 #[tokio::test]
 async fn an_older_agents_outbox_goes_under_a_new_epoch_in_batches_below_1_mib() {
-    let pki = Pki::new();
+    let pki = Pki::new(NODE);
     let state = tempfile::tempdir().unwrap();
     let old_epoch = u64::MAX - 1;
     // Seqs 11..=40 (about 50 KiB each once sanitised: more than one batch); one result alone is
@@ -906,7 +829,7 @@ async fn an_older_agents_outbox_goes_under_a_new_epoch_in_batches_below_1_mib() 
 /// result), however large the backlog: the agent does not build up what it has sent.
 #[tokio::test]
 async fn unacknowledged_bytes_stay_within_the_in_flight_bound() {
-    let pki = Pki::new();
+    let pki = Pki::new(NODE);
     let state = tempfile::tempdir().unwrap();
     let held: Vec<CheckResult> = (1..=120).map(|s| huge(s, 100_000)).collect();
     write_old_outbox(&state.path().join(outbox::FILE_NAME), 7, 121, &held);

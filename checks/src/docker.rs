@@ -263,6 +263,7 @@ impl DockerCheck {
 mod tests {
     use super::*;
     use crate::{Attachments, CheckKind, CheckSpec};
+    use vigil_testkit::docker::{Container, docker};
 
     fn check(container: &str) -> DockerCheck {
         DockerCheck {
@@ -367,46 +368,6 @@ mod tests {
 
     // ---- against the real Docker engine ----
 
-    /// Runs the docker CLI; panics with its output on failure.
-    fn docker(args: &[&str]) -> String {
-        let out = std::process::Command::new("docker")
-            .args(args)
-            .output()
-            .unwrap_or_else(|e| panic!("cannot run docker {args:?}: {e}"));
-        assert!(
-            out.status.success(),
-            "docker {args:?} failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
-    }
-
-    /// Removes the container when the test ends, however it ends.
-    struct Removed(String);
-    impl Drop for Removed {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("docker")
-                .args(["rm", "-f", &self.0])
-                .output();
-        }
-    }
-
-    /// The local test image (built from Debian's static busybox; never pulled).
-    fn image() -> String {
-        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/images/busybox.sh");
-        let out = std::process::Command::new("bash")
-            .arg(script)
-            .output()
-            .expect("run deploy/images/busybox.sh");
-        assert!(
-            out.status.success(),
-            "building the busybox image failed (is the Docker engine running?): {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
-    }
-
     async fn poll<F: Fn(&Outcome) -> bool>(spec: &CheckSpec, cond: F) -> Outcome {
         let until = Instant::now() + Duration::from_secs(30);
         loop {
@@ -427,28 +388,9 @@ mod tests {
             "the Docker engine is unreachable, this test needs it: {}",
             probe.err().unwrap_or_default()
         );
-        let image = image();
-        let name = format!(
-            "vigil-check-test-{}-{}",
-            std::process::id(),
-            SystemTime::now()
-                .duration_since(SystemTime::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos()
-        );
-        let _guard = Removed(name.clone());
-        docker(&[
-            "run",
-            "-d",
-            "--name",
-            &name,
-            "--network",
-            "none",
-            &image,
-            "sh",
-            "-c",
-            "trap 'exit 3' TERM; while true; do sleep 1; done",
-        ]);
+        let container =
+            Container::run_sh("trap 'exit 3' TERM; while true; do sleep 1; done").unwrap();
+        let name = container.name.clone();
         let spec: CheckSpec = serde_json::from_value(serde_json::json!({
             "type": "docker", "timeout": "10s", "container": name, "max_restarts": 0}))
         .unwrap();

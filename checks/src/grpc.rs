@@ -14,6 +14,7 @@ use tonic::transport::{Endpoint, Uri};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
+use vigil_error::describe;
 
 use crate::threshold::invalid;
 use crate::tls::{TlsOptions, client_config};
@@ -135,7 +136,7 @@ impl GrpcCheck {
             Err(e) => {
                 return Outcome::new(
                     Status::Critical,
-                    format!("{label}: cannot connect: {}", error_chain(&e)),
+                    format!("{label}: cannot connect: {}", describe(&e)),
                 );
             }
         };
@@ -190,37 +191,18 @@ impl GrpcCheck {
     }
 }
 
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut parts: Vec<String> = vec![e.to_string()];
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let s = c.to_string();
-        if !parts.last().is_some_and(|last| last.contains(&s)) {
-            parts.push(s);
-        }
-        cur = c.source();
-    }
-    parts.join(": ")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::{Attachments, CheckSpec};
+    use tonic::service::Routes;
+    use vigil_testkit::grpc;
 
     /// A real tonic-health server on 127.0.0.1:0; the reporter switches its answers.
     async fn serve() -> (tonic_health::server::HealthReporter, String) {
         let (reporter, service) = tonic_health::server::health_reporter();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap().to_string();
-        tokio::spawn(async move {
-            tonic::transport::Server::builder()
-                .add_service(service)
-                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
-                .await
-                .unwrap();
-        });
-        (reporter, addr)
+        let server = grpc::serve(None, Routes::new(service)).await;
+        (reporter, server.addr.to_string())
     }
 
     fn spec(v: serde_json::Value) -> CheckSpec {
@@ -274,28 +256,18 @@ mod tests {
 
     #[tokio::test]
     async fn tls_server_with_ca_file_insecure_and_unknown_ca() {
-        use rcgen::{CertificateParams, KeyPair};
-        let key = KeyPair::generate().unwrap();
-        let cert = CertificateParams::new(vec!["localhost".to_string()])
-            .unwrap()
-            .self_signed(&key)
-            .unwrap();
-        let identity = tonic::transport::Identity::from_pem(cert.pem(), key.serialize_pem());
+        let cert = vigil_testkit::pki::self_signed(&["localhost"], 365);
+        let identity = tonic::transport::Identity::from_pem(&cert.pem, &cert.key_pem);
         let (_reporter, service) = tonic_health::server::health_reporter();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        tokio::spawn(async move {
-            tonic::transport::Server::builder()
-                .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
-                .unwrap()
-                .add_service(service)
-                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
-                .await
-                .unwrap();
-        });
+        let server = grpc::serve(
+            Some(tonic::transport::ServerTlsConfig::new().identity(identity)),
+            Routes::new(service),
+        )
+        .await;
+        let port = server.addr.port();
         let dir = tempfile::tempdir().unwrap();
         let ca = dir.path().join("ca.pem");
-        std::fs::write(&ca, cert.pem()).unwrap();
+        std::fs::write(&ca, &cert.pem).unwrap();
         let files = Attachments::default();
         let address = format!("127.0.0.1:{port}");
 

@@ -13,6 +13,7 @@ use reqwest::header::{HeaderName, HeaderValue};
 use reqwest::{Method, multipart};
 use serde::{Deserialize, Serialize};
 use serde_json_path::JsonPath;
+use vigil_error::describe;
 
 use crate::{
     Attachments, MAX_OUTPUT_BYTES, Metric, Outcome, SpecError, Status, excerpt, grace,
@@ -469,13 +470,13 @@ impl HttpCheck {
             pem.extend(read_local(key, "tls.client_key").await?);
             let id = reqwest::Identity::from_pem(&pem).map_err(|e| PrepareError::Invalid {
                 what: "tls.client_cert/client_key",
-                detail: error_chain(&e),
+                detail: describe(&e),
             })?;
             builder = builder.identity(id);
         }
         let client = builder.build().map_err(|e| PrepareError::Invalid {
             what: "HTTP client settings",
-            detail: error_chain(&e),
+            detail: describe(&e),
         })?;
 
         let mut req = client.request(method, &r.url);
@@ -508,7 +509,7 @@ impl HttpCheck {
                             .mime_str(ct)
                             .map_err(|e| PrepareError::Invalid {
                                 what: "multipart content_type",
-                                detail: error_chain(&e),
+                                detail: describe(&e),
                             })?
                     }
                     (None, Some(text)) => {
@@ -519,7 +520,7 @@ impl HttpCheck {
                         if let Some(ct) = &p.content_type {
                             part = part.mime_str(ct).map_err(|e| PrepareError::Invalid {
                                 what: "multipart content_type",
-                                detail: error_chain(&e),
+                                detail: describe(&e),
                             })?;
                         }
                         part
@@ -687,20 +688,6 @@ pub fn shown_url(url: &str) -> String {
     }
 }
 
-/// `error: cause: root cause`, skipping a cause already included in the text before it.
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut parts: Vec<String> = vec![e.to_string()];
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let s = c.to_string();
-        if !parts.last().is_some_and(|last| last.contains(&s)) {
-            parts.push(s);
-        }
-        cur = c.source();
-    }
-    parts.join(": ")
-}
-
 fn request_error(label: &str, e: reqwest::Error, deadline: Duration) -> String {
     if e.is_timeout() {
         let phase = if e.is_body() || e.is_decode() {
@@ -711,7 +698,7 @@ fn request_error(label: &str, e: reqwest::Error, deadline: Duration) -> String {
         return format!("{label}: timed out after {} {phase}", fmt_secs(deadline));
     }
     // The URL is already in the label.
-    format!("{label}: {}", error_chain(&e.without_url()))
+    format!("{label}: {}", describe(&e.without_url()))
 }
 
 #[cfg(test)]

@@ -212,7 +212,6 @@ impl WebCheck {
 mod tests {
     use super::*;
     use crate::CheckSpec;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     fn spec(v: serde_json::Value) -> CheckSpec {
         let s: CheckSpec = serde_json::from_value(v).unwrap();
@@ -222,59 +221,11 @@ mod tests {
 
     /// A local HTTPS page whose self-signed certificate expires in `days` days.
     async fn serve_tls_expiring(days: i64) -> (String, String) {
-        use rcgen::{CertificateParams, KeyPair};
-        let key = KeyPair::generate().unwrap();
-        let mut params = CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap();
-        params.not_before = time::OffsetDateTime::now_utc() - time::Duration::days(1);
-        params.not_after = time::OffsetDateTime::now_utc() + time::Duration::days(days);
-        let cert = params.self_signed(&key).unwrap();
-        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
-            rustls::crypto::aws_lc_rs::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(
-            vec![cert.der().clone()],
-            rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
-        )
-        .unwrap();
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        tokio::spawn(async move {
-            loop {
-                let Ok((tcp, _)) = listener.accept().await else {
-                    return;
-                };
-                let acceptor = acceptor.clone();
-                tokio::spawn(async move {
-                    let Ok(mut tls) = acceptor.accept(tcp).await else {
-                        return;
-                    };
-                    let mut req = Vec::new();
-                    let mut buf = [0u8; 1024];
-                    while !req.windows(4).any(|w| w == b"\r\n\r\n") {
-                        match tls.read(&mut buf).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => req.extend_from_slice(&buf[..n]),
-                        }
-                    }
-                    let body = "welcome to the vigil shop";
-                    let _ = tls
-                        .write_all(
-                            format!(
-                                "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                                body.len()
-                            )
-                            .as_bytes(),
-                        )
-                        .await;
-                    let _ = tls.shutdown().await;
-                });
-            }
-        });
-        (format!("https://127.0.0.1:{port}/"), cert.pem())
+        let cert = vigil_testkit::pki::self_signed(&["127.0.0.1"], days);
+        let url =
+            vigil_testkit::https::serve_url(cert.rustls_server(), "welcome to the vigil shop")
+                .await;
+        (url, cert.pem)
     }
 
     #[tokio::test]

@@ -778,6 +778,8 @@ pub struct Config {
     pub backlog_alert: Duration,
     /// How far an agent's clock may be off (`max_clock_skew`).
     pub max_clock_skew: Duration,
+    /// Every file a secret is read from (config key, resolved path): for `doctor`'s mode check.
+    pub secret_files: Vec<(String, PathBuf)>,
     /// Each node's services and their thresholds, built once at load (ingest reads it per batch).
     thresholds_by_node: HashMap<String, std::sync::Arc<HashMap<String, Thresholds>>>,
     /// Position of each service in `services` by id (ingest looks a service up per result).
@@ -943,6 +945,20 @@ impl Config {
             ));
         }
         let mut file = file;
+        let mut secret_files: Vec<(String, PathBuf)> = file
+            .notify
+            .secret_files()
+            .into_iter()
+            .map(|(k, p)| (k, resolve(&p)))
+            .collect();
+        for (key, p) in [
+            ("database.url_file", &file.database.url_file),
+            ("metrics.bearer_token_file", &file.metrics.bearer_token_file),
+        ] {
+            if let Some(p) = p {
+                secret_files.push((key.to_string(), resolve(p)));
+            }
+        }
         file.notify
             .validate(&resolve)
             .map_err(|e| invalid(path, e.key, e.reason))?;
@@ -1123,6 +1139,7 @@ impl Config {
             settings: None,
             node_timeout: file.node_timeout,
             max_clock_skew: file.max_clock_skew,
+            secret_files,
             backlog_alert: file.backlog_alert,
             path: path.to_path_buf(),
             grpc_listen: file.grpc_listen,

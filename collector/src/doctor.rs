@@ -2,17 +2,18 @@
 //! and agentless nodes. Each finding is one line `OK|WARN|ERROR <what>: <detail> — <how to fix>`;
 //! doctor only reads (it never migrates the database or writes a file).
 
-use std::fmt;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
-use rustls::client::{verify_server_cert_signed_by_trust_anchor, verify_server_name};
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::client::verify_server_name;
+use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::server::ParsedCertificate;
-use rustls::{CertificateError, RootCertStore};
 use tokio_postgres::NoTls;
 use tokio_postgres::error::SqlState;
+pub use vigil_doctor::{Finding, Level, PROBE_TIMEOUT, Report};
+use vigil_doctor::{Purpose, Signed, secret_files, signed_by, subject_alt_names, validity};
+use vigil_error::{causes, describe};
 
 use crate::config::{CollectorFile, Config, DATABASE_URL_ENV, NodeConfig, TlsFiles};
 use crate::ssh::{SshError, SshPool};
@@ -22,106 +23,6 @@ mod embedded {
     refinery::embed_migrations!("migrations");
 }
 
-/// Limit for each network probe (database, SSH).
-pub const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
-/// A certificate expiring sooner than this is a warning.
-pub const EXPIRY_WARNING: Duration = Duration::from_secs(30 * 24 * 3600);
-
-/// How bad a finding is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Level {
-    Ok,
-    Warn,
-    Error,
-}
-
-impl Level {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Level::Ok => "OK",
-            Level::Warn => "WARN",
-            Level::Error => "ERROR",
-        }
-    }
-}
-
-/// One line of the report.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Finding {
-    pub level: Level,
-    /// What was checked (`certificate /etc/vigil/collector.pem`, `database host:5432/vigil`).
-    pub what: String,
-    /// What was found.
-    pub detail: String,
-    /// How to fix it (empty for OK).
-    pub fix: String,
-}
-
-impl Finding {
-    fn ok(what: impl Into<String>, detail: impl Into<String>) -> Finding {
-        Finding {
-            level: Level::Ok,
-            what: what.into(),
-            detail: detail.into(),
-            fix: String::new(),
-        }
-    }
-
-    fn warn(what: impl Into<String>, detail: impl Into<String>, fix: impl Into<String>) -> Finding {
-        Finding {
-            level: Level::Warn,
-            what: what.into(),
-            detail: detail.into(),
-            fix: fix.into(),
-        }
-    }
-
-    fn error(
-        what: impl Into<String>,
-        detail: impl Into<String>,
-        fix: impl Into<String>,
-    ) -> Finding {
-        Finding {
-            level: Level::Error,
-            what: what.into(),
-            detail: detail.into(),
-            fix: fix.into(),
-        }
-    }
-}
-
-impl fmt::Display for Finding {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} {}: {}", self.level.as_str(), self.what, self.detail)?;
-        if !self.fix.is_empty() {
-            write!(f, " — {}", self.fix)?;
-        }
-        Ok(())
-    }
-}
-
-/// Every finding, in the order the checks ran.
-#[derive(Debug, Clone, Default)]
-pub struct Report {
-    pub findings: Vec<Finding>,
-}
-
-impl Report {
-    /// Whether any finding is an ERROR (the exit status is then non-zero).
-    pub fn has_errors(&self) -> bool {
-        self.findings.iter().any(|f| f.level == Level::Error)
-    }
-}
-
-impl fmt::Display for Report {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for finding in &self.findings {
-            writeln!(f, "{finding}")?;
-        }
-        Ok(())
-    }
-}
-
 /// What the checks after the config need; from the full config, or from collector.yaml alone
 /// when a service file is broken (so that certificates and database are still checked).
 struct Targets {
@@ -129,6 +30,8 @@ struct Targets {
     grpc_listen: SocketAddr,
     database_url: Option<String>,
     nodes: Vec<NodeConfig>,
+    /// Files secrets are read from (config key, path).
+    secret_files: Vec<(String, std::path::PathBuf)>,
 }
 
 /// Runs every check against `config` (collector.yaml). `hosts` are extra names agents use to
@@ -153,6 +56,12 @@ pub async fn run(config: &Path, hosts: &[String]) -> Report {
     report
         .findings
         .extend(check_ssh_nodes(&targets.nodes).await);
+    report.findings.extend(secret_files(
+        targets
+            .secret_files
+            .iter()
+            .map(|(key, p)| (key.as_str(), p.as_path())),
+    ));
     report
 }
 
@@ -173,6 +82,7 @@ fn check_config(path: &Path, findings: &mut Vec<Finding>) -> Option<Targets> {
                 grpc_listen: cfg.grpc_listen,
                 database_url: Some(cfg.database_url),
                 nodes: cfg.nodes,
+                secret_files: cfg.secret_files,
             })
         }
         Err(e) => {
@@ -206,6 +116,12 @@ fn check_config(path: &Path, findings: &mut Vec<Finding>) -> Option<Targets> {
                     .filter(|s| !s.is_empty())
                     .or(file.database.url),
                 nodes: Vec::new(),
+                secret_files: file
+                    .notify
+                    .secret_files()
+                    .into_iter()
+                    .map(|(k, p)| (k, resolve(&p)))
+                    .collect(),
             })
         }
     }
@@ -215,101 +131,12 @@ fn now() -> SystemTime {
     SystemTime::now()
 }
 
-fn unix_secs(t: SystemTime) -> i64 {
-    match t.duration_since(UNIX_EPOCH) {
-        Ok(d) => i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
-        Err(e) => -i64::try_from(e.duration().as_secs()).unwrap_or(i64::MAX),
-    }
-}
-
 const RENEW_CA: &str = "make a new CA with `vigil-collector ca init --dir DIR --host NAME` (it \
     refuses to overwrite: move the old files aside) and issue every agent a new certificate \
     with `vigil-collector ca issue --node NAME --dir DIR`";
 const RENEW_SERVER: &str = "issue a new server certificate from the same CA (`vigil-collector ca \
     init` creates a new CA and server certificate together: move the old files aside, then \
     re-issue the agents' certificates with `ca issue`)";
-
-/// Validity of one certificate: ERROR when expired or not yet valid, WARN when it expires within
-/// [`EXPIRY_WARNING`], else OK with the date.
-pub fn validity(what: &str, der: &CertificateDer<'_>, now: SystemTime, renew: &str) -> Finding {
-    let cert = match x509_parser::parse_x509_certificate(der.as_ref()) {
-        Ok((_, c)) => c,
-        Err(e) => {
-            return Finding::error(what, format!("not a valid X.509 certificate: {e}"), renew);
-        }
-    };
-    let now = unix_secs(now);
-    let v = cert.validity();
-    let (nb, na) = (v.not_before.timestamp(), v.not_after.timestamp());
-    let date = |t: &x509_parser::time::ASN1Time| t.to_datetime().date().to_string();
-    if now < nb {
-        return Finding::error(
-            what,
-            format!("not valid before {}", date(&v.not_before)),
-            "check this machine's clock (timedatectl), or wait until then",
-        );
-    }
-    if now > na {
-        return Finding::error(what, format!("expired on {}", date(&v.not_after)), renew);
-    }
-    let left_days = (na - now) / 86_400;
-    if na - now < i64::try_from(EXPIRY_WARNING.as_secs()).unwrap_or(i64::MAX) {
-        return Finding::warn(
-            what,
-            format!("expires on {} (in {left_days} days)", date(&v.not_after)),
-            renew,
-        );
-    }
-    Finding::ok(
-        what,
-        format!("valid until {} ({left_days} days)", date(&v.not_after)),
-    )
-}
-
-/// Now, clamped into the certificate's validity, so that checking who signed it is not masked
-/// by its expiry (reported separately; webpki does not check the CA's own dates).
-fn within_validity(leaf: &CertificateDer<'_>, now: SystemTime) -> UnixTime {
-    let now = unix_secs(now);
-    let t = match x509_parser::parse_x509_certificate(leaf.as_ref()) {
-        Ok((_, c)) => {
-            let (nb, na) = (
-                c.validity().not_before.timestamp(),
-                c.validity().not_after.timestamp(),
-            );
-            if nb <= na { now.clamp(nb, na) } else { now }
-        }
-        Err(_) => now,
-    };
-    UnixTime::since_unix_epoch(Duration::from_secs(u64::try_from(t).unwrap_or(0)))
-}
-
-/// DNS names and IP addresses in a certificate's subjectAltName.
-fn subject_alt_names(der: &CertificateDer<'_>) -> Vec<String> {
-    use x509_parser::extensions::GeneralName;
-    let Ok((_, cert)) = x509_parser::parse_x509_certificate(der.as_ref()) else {
-        return Vec::new();
-    };
-    let Ok(Some(san)) = cert.subject_alternative_name() else {
-        return Vec::new();
-    };
-    san.value
-        .general_names
-        .iter()
-        .filter_map(|n| match n {
-            GeneralName::DNSName(d) => Some((*d).to_string()),
-            GeneralName::IPAddress(b) => match b.len() {
-                4 => <[u8; 4]>::try_from(*b)
-                    .ok()
-                    .map(|a| std::net::IpAddr::from(a).to_string()),
-                16 => <[u8; 16]>::try_from(*b)
-                    .ok()
-                    .map(|a| std::net::IpAddr::from(a).to_string()),
-                _ => None,
-            },
-            _ => None,
-        })
-        .collect()
-}
 
 fn check_tls(
     tls: &TlsFiles,
@@ -368,24 +195,18 @@ fn check_tls(
             )),
         }
     }
-    if let Some(f) = key_mode(&tls.key) {
-        out.push(f);
-    }
+    // The CA's key is not in collector.yaml: `ca init` writes it next to ca.pem.
+    let ca_key = tls
+        .ca
+        .parent()
+        .unwrap_or(Path::new("."))
+        .join(crate::ca::CA_KEY);
+    out.extend(secret_files([
+        ("server key", tls.key.as_path()),
+        ("CA key", ca_key.as_path()),
+    ]));
     out.extend(host_names(&cert_what, &cert[0], listen, hosts));
     out
-}
-
-/// WARN when the private key is readable by group or others.
-fn key_mode(path: &Path) -> Option<Finding> {
-    use std::os::unix::fs::PermissionsExt;
-    let mode = std::fs::metadata(path).ok()?.permissions().mode() & 0o777;
-    (mode & 0o077 != 0).then(|| {
-        Finding::warn(
-            format!("server key {}", path.display()),
-            format!("readable by group or others (mode {mode:04o})"),
-            format!("chmod 600 {}", path.display()),
-        )
-    })
 }
 
 fn signed_by_ca(
@@ -398,38 +219,20 @@ fn signed_by_ca(
     let fix_ca = "tls.cert and tls.ca must come from the same `vigil-collector ca init` (agents \
                   trust tls.ca): point tls.ca at the CA that issued the certificate, or re-create \
                   both";
-    let mut roots = RootCertStore::empty();
-    for c in ca {
-        if let Err(e) = roots.add(c.clone()) {
-            return Finding::error(
-                what,
-                format!("{} is not a usable CA certificate: {e}", ca_path.display()),
-                fix_ca,
-            );
-        }
-    }
-    let parsed = match ParsedCertificate::try_from(&chain[0]) {
-        Ok(p) => p,
-        Err(e) => return Finding::error(what, format!("cannot be parsed: {e}"), RENEW_SERVER),
-    };
-    let provider = rustls::crypto::aws_lc_rs::default_provider();
-    let result = verify_server_cert_signed_by_trust_anchor(
-        &parsed,
-        &roots,
-        &chain[1..],
-        within_validity(&chain[0], now),
-        provider.signature_verification_algorithms.all,
-    );
-    match result {
-        Ok(()) => Finding::ok(what, format!("signed by the CA in {}", ca_path.display())),
-        Err(rustls::Error::InvalidCertificate(
-            CertificateError::UnknownIssuer | CertificateError::BadSignature,
-        )) => Finding::error(
+    match signed_by(chain, ca, Purpose::Server, now).0 {
+        Signed::Yes => Finding::ok(what, format!("signed by the CA in {}", ca_path.display())),
+        Signed::NotByCa => Finding::error(
             what,
             format!("not signed by the CA in {}", ca_path.display()),
             fix_ca,
         ),
-        Err(e) => Finding::error(
+        Signed::BadCa(e) => Finding::error(
+            what,
+            format!("{} is not a usable CA certificate: {e}", ca_path.display()),
+            fix_ca,
+        ),
+        Signed::BadCert(e) => Finding::error(what, format!("cannot be parsed: {e}"), RENEW_SERVER),
+        Signed::Refused(e) => Finding::error(
             what,
             format!("not accepted under the CA in {}: {e}", ca_path.display()),
             RENEW_SERVER,
@@ -490,20 +293,6 @@ fn host_names(
         .collect()
 }
 
-/// An error and its sources, each once.
-fn chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let more = s.to_string();
-        if !text.contains(&more) {
-            text = format!("{text}: {more}");
-        }
-        source = s.source();
-    }
-    text
-}
-
 /// Reachable within [`PROBE_TIMEOUT`], and migrated to the newest embedded version (read from
 /// refinery's schema history; doctor never migrates).
 async fn check_database(url: &str) -> Vec<Finding> {
@@ -530,7 +319,7 @@ async fn check_database(url: &str) -> Vec<Finding> {
         Ok(Err(e)) => {
             return vec![Finding::error(
                 what,
-                format!("cannot connect: {}", chain(&e)),
+                format!("cannot connect: {}", describe(&e)),
                 unreachable_fix,
             )];
         }
@@ -578,7 +367,7 @@ async fn check_database(url: &str) -> Vec<Finding> {
         ),
         Ok(Err(e)) => Finding::error(
             &what,
-            format!("cannot read the schema version: {}", chain(&e)),
+            format!("cannot read the schema version: {}", describe(&e)),
             "check that the database user may read refinery_schema_history",
         ),
         Ok(Ok(None)) => Finding::error(
@@ -615,24 +404,42 @@ async fn check_database(url: &str) -> Vec<Finding> {
 }
 
 fn undefined_table(e: &refinery::Error) -> bool {
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        if let Some(pg) = s.downcast_ref::<tokio_postgres::Error>() {
-            return pg.code() == Some(&SqlState::UNDEFINED_TABLE);
-        }
-        source = s.source();
-    }
-    false
+    causes(e)
+        .find_map(|s| s.downcast_ref::<tokio_postgres::Error>())
+        .is_some_and(|pg| pg.code() == Some(&SqlState::UNDEFINED_TABLE))
 }
 
-/// Every node without an agent or with an `ssh:` block: log in and run `true`.
+/// Every node without an agent or with an `ssh:` block: log in and run `true`; then a warning for
+/// each SSH key or password file that others can read.
 async fn check_ssh_nodes(nodes: &[NodeConfig]) -> Vec<Finding> {
     let pool = SshPool::new();
     let probes = nodes
         .iter()
         .filter(|n| !n.agent || n.ssh.is_some())
         .map(|n| check_ssh(&pool, n));
-    futures::future::join_all(probes).await
+    let mut out = futures::future::join_all(probes).await;
+    out.extend(ssh_secret_files(nodes));
+    out
+}
+
+/// A WARN for each SSH key or password file of `nodes` that others can read.
+fn ssh_secret_files(nodes: &[NodeConfig]) -> Vec<Finding> {
+    let files: Vec<(String, &Path)> = nodes
+        .iter()
+        .filter_map(|n| Some((n, n.ssh.as_ref()?)))
+        .flat_map(|(n, ssh)| {
+            let key = ssh
+                .key
+                .as_deref()
+                .map(|k| (format!("SSH key of node {}", n.name), k));
+            let password = ssh
+                .password_file
+                .as_deref()
+                .map(|f| (format!("SSH password file of node {}", n.name), f));
+            key.into_iter().chain(password)
+        })
+        .collect();
+    secret_files(files.iter().map(|(what, path)| (what.as_str(), *path)))
 }
 
 async fn check_ssh(pool: &SshPool, node: &NodeConfig) -> Finding {
@@ -719,16 +526,97 @@ async fn check_ssh(pool: &SshPool, node: &NodeConfig) -> Finding {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
+
+    fn chmod(path: &Path, mode: u32) {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+
+    fn warnings(found: &[Finding]) -> Vec<String> {
+        found
+            .iter()
+            .filter(|f| f.level == Level::Warn)
+            .map(|f| f.to_string())
+            .collect()
+    }
 
     #[test]
-    fn finding_line_format() {
-        let f = Finding::error("database x:1/db", "cannot connect", "start it");
+    fn server_and_ca_keys_readable_by_others_are_warnings() {
+        let dir = tempfile::tempdir().unwrap();
+        crate::ca::init(dir.path(), &[]).unwrap();
+        let tls = TlsFiles {
+            ca: dir.path().join("ca.pem"),
+            cert: dir.path().join("collector.pem"),
+            key: dir.path().join("collector.key"),
+        };
+        let listen: SocketAddr = "127.0.0.1:7443".parse().unwrap();
+        let found = check_tls(&tls, listen, &[], now());
+        assert!(warnings(&found).is_empty(), "{found:#?}");
+        let ca_key = dir.path().join("ca.key");
+        chmod(&tls.key, 0o644);
+        chmod(&ca_key, 0o640);
+        let found = check_tls(&tls, listen, &[], now());
         assert_eq!(
-            f.to_string(),
-            "ERROR database x:1/db: cannot connect — start it"
+            warnings(&found),
+            vec![
+                format!(
+                    "WARN server key {0}: readable by group or others (mode 0644) — chmod 600 {0}",
+                    tls.key.display()
+                ),
+                format!(
+                    "WARN CA key {0}: readable by group or others (mode 0640) — chmod 600 {0}",
+                    ca_key.display()
+                ),
+            ]
         );
-        let f = Finding::ok("config c.yaml", "every file loads");
-        assert_eq!(f.to_string(), "OK config c.yaml: every file loads");
+        chmod(&tls.key, 0o600);
+        chmod(&ca_key, 0o600);
+        assert!(warnings(&check_tls(&tls, listen, &[], now())).is_empty());
+    }
+
+    #[test]
+    fn ssh_keys_and_password_files_readable_by_others_are_warnings() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("id_ed25519");
+        let password = dir.path().join("password");
+        std::fs::write(&key, "key").unwrap();
+        std::fs::write(&password, "secret").unwrap();
+        let node = |name: &str, ssh: serde_json::Value| -> NodeConfig {
+            serde_json::from_value(serde_json::json!({"name": name, "ssh": ssh})).unwrap()
+        };
+        let nodes = vec![
+            node("db-1", serde_json::json!({"user": "vigil", "key": key})),
+            node(
+                "db-2",
+                serde_json::json!({"user": "vigil", "password_file": password}),
+            ),
+            serde_json::from_value(serde_json::json!({"name": "web-1"})).unwrap(),
+        ];
+        chmod(&key, 0o600);
+        chmod(&password, 0o600);
+        assert!(ssh_secret_files(&nodes).is_empty());
+        chmod(&key, 0o644);
+        chmod(&password, 0o604);
+        let found: Vec<String> = ssh_secret_files(&nodes)
+            .iter()
+            .map(|f| f.to_string())
+            .collect();
+        assert_eq!(
+            found,
+            vec![
+                format!(
+                    "WARN SSH key of node db-1 {0}: readable by group or others (mode 0644) — \
+                     chmod 600 {0}",
+                    key.display()
+                ),
+                format!(
+                    "WARN SSH password file of node db-2 {0}: readable by group or others (mode \
+                     0604) — chmod 600 {0}",
+                    password.display()
+                ),
+            ]
+        );
     }
 
     #[test]

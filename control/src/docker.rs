@@ -11,6 +11,7 @@ use std::time::Duration;
 use bollard::query_parameters::{RestartContainerOptions, StopContainerOptions};
 use bollard::{API_DEFAULT_VERSION, ClientVersion, Docker};
 use tokio::time::Instant;
+use vigil_error::describe;
 
 use crate::{Action, Execution};
 
@@ -286,20 +287,6 @@ fn api_error(
             reason: describe(&e),
         },
     }
-}
-
-/// An error and its sources, joined by ": ".
-fn describe(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut parts = vec![e.to_string()];
-    let mut source = e.source();
-    while let Some(s) = source {
-        let text = s.to_string();
-        if !parts.iter().any(|p| p.contains(&text)) {
-            parts.push(text);
-        }
-        source = s.source();
-    }
-    parts.join(": ")
 }
 
 #[cfg(test)]

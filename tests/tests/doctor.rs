@@ -413,6 +413,105 @@ async fn agent_certificate_of_another_node_is_an_error() -> anyhow::Result<()> {
     Ok(())
 }
 
+#[tokio::test]
+async fn keys_readable_by_others_are_warnings_naming_file_mode_and_fix() -> anyhow::Result<()> {
+    init();
+    let ws = Workspace::new()?;
+    ws.issue("n1")?;
+    let (url, _) = closed_port_url()?;
+    let collector = ws.write_collector(&url, &["n1"])?;
+    let agent = write_agent(&ws, "a", "n1", &closed_collector()?, "certs/ca.pem", "n1")?;
+    let warnings = |lines: &[String]| -> Vec<String> {
+        lines
+            .iter()
+            .filter(|l| l.contains("readable by group or others"))
+            .cloned()
+            .collect()
+    };
+    // As `ca init` and `ca issue` write them: owner only.
+    let (_, lines) = collector_doctor(&collector, &[]).await?;
+    assert_eq!(
+        warnings(&lines),
+        Vec::<String>::new(),
+        "{}",
+        lines.join("\n")
+    );
+    let (_, lines) = agent_doctor(&agent).await?;
+    assert_eq!(
+        warnings(&lines),
+        Vec::<String>::new(),
+        "{}",
+        lines.join("\n")
+    );
+
+    for (name, m) in [
+        ("collector.key", 0o644),
+        ("ca.key", 0o640),
+        ("n1.key", 0o644),
+    ] {
+        set_mode(&ws.certs().join(name), m)?;
+    }
+    let (_, lines) = collector_doctor(&collector, &[]).await?;
+    let key = ws.certs().join("collector.key");
+    let ca_key = ws.certs().join("ca.key");
+    assert_eq!(
+        warnings(&lines),
+        vec![
+            format!(
+                "WARN server key {0}: readable by group or others (mode 0644) — chmod 600 {0}",
+                key.display()
+            ),
+            format!(
+                "WARN CA key {0}: readable by group or others (mode 0640) — chmod 600 {0}",
+                ca_key.display()
+            ),
+        ],
+        "{}",
+        lines.join("\n")
+    );
+    let (_, lines) = agent_doctor(&agent).await?;
+    let n1_key = ws.certs().join("n1.key");
+    assert_eq!(
+        warnings(&lines),
+        vec![format!(
+            "WARN private key {0}: readable by group or others (mode 0644) — chmod 600 {0}",
+            n1_key.display()
+        )],
+        "{}",
+        lines.join("\n")
+    );
+
+    // Secrets read from files (collector.yaml's `_file` keys): the same rule, named by key.
+    let secret = ws.path().join("hook.auth");
+    std::fs::write(&secret, "Bearer t0k3n-doctor\n")?;
+    set_mode(&secret, 0o644)?;
+    let mut text = std::fs::read_to_string(&collector)?;
+    text.push_str(&format!(
+        "notify:\n  receivers:\n    - name: hook\n      type: webhook\n      url: \"http://127.0.0.1:9/\"\n      headers_file: {{ Authorization: {} }}\n",
+        secret.display()
+    ));
+    std::fs::write(&collector, text)?;
+    let (_, lines) = collector_doctor(&collector, &[]).await?;
+    let want = format!(
+        "WARN notify.receivers[0].headers_file.Authorization {0}: readable by group or others (mode 0644) — chmod 600 {0}",
+        secret.display()
+    );
+    assert!(warnings(&lines).contains(&want), "{}", lines.join("\n"));
+    assert!(
+        !lines.iter().any(|l| l.contains("t0k3n-doctor")),
+        "{}",
+        lines.join("\n")
+    );
+    set_mode(&secret, 0o600)?;
+    let (_, lines) = collector_doctor(&collector, &[]).await?;
+    assert!(
+        !warnings(&lines).iter().any(|l| l.contains("hook.auth")),
+        "{}",
+        lines.join("\n")
+    );
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ssh_findings_name_host_key_auth_and_connect_errors() -> anyhow::Result<()> {
     init();

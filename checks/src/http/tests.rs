@@ -1,5 +1,5 @@
 //! Tests of the `http` check against real local servers: axum on 127.0.0.1:0 for HTTP, and a
-//! minimal tokio-rustls server (certificates made with rcgen) for HTTPS and client certificates.
+//! the test kit's minimal HTTPS server and PKI for HTTPS and client certificates.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -11,7 +11,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::{any, get, post};
 use serde_json::json;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use vigil_testkit::pki::Pki;
 
 use super::*;
 use crate::{CheckKind, CheckSpec};
@@ -603,103 +603,19 @@ fn secs_formatting() {
 
 // ---- HTTPS ----
 
-struct Pki {
-    ca_pem: String,
-    server_chain: Vec<rustls::pki_types::CertificateDer<'static>>,
-    server_key: rustls::pki_types::PrivateKeyDer<'static>,
-    client_cert_pem: String,
-    client_key_pem: String,
-    ca_der: rustls::pki_types::CertificateDer<'static>,
-}
-
-fn pki() -> Pki {
-    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
-    let issuer = Issuer::new(ca_params, ca_key);
-
-    let srv_key = KeyPair::generate().unwrap();
-    let srv_params =
-        CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
-    let srv_cert = srv_params.signed_by(&srv_key, &issuer).unwrap();
-
-    let cli_key = KeyPair::generate().unwrap();
-    let cli_params = CertificateParams::new(vec!["vigil-agent".to_string()]).unwrap();
-    let cli_cert = cli_params.signed_by(&cli_key, &issuer).unwrap();
-
-    Pki {
-        ca_pem: ca_cert.pem(),
-        ca_der: ca_cert.der().clone(),
-        server_chain: vec![srv_cert.der().clone()],
-        server_key: rustls::pki_types::PrivateKeyDer::Pkcs8(srv_key.serialize_der().into()),
-        client_cert_pem: cli_cert.pem(),
-        client_key_pem: cli_key.serialize_pem(),
-    }
-}
-
 /// A one-route HTTPS server answering `200 secure` to any request; with `require_client_cert`
 /// it demands a client certificate signed by the test CA.
 async fn serve_tls(pki: &Pki, require_client_cert: bool) -> String {
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .unwrap();
-    let builder = if require_client_cert {
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(pki.ca_der.clone()).unwrap();
-        let verifier =
-            rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
-                .build()
-                .unwrap();
-        builder.with_client_cert_verifier(verifier)
-    } else {
-        builder.with_no_client_auth()
-    };
-    let config = builder
-        .with_single_cert(pki.server_chain.clone(), pki.server_key.clone_key())
-        .unwrap();
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((tcp, _)) = listener.accept().await else {
-                return;
-            };
-            let acceptor = acceptor.clone();
-            tokio::spawn(async move {
-                let Ok(mut tls) = acceptor.accept(tcp).await else {
-                    return;
-                };
-                let mut req = Vec::new();
-                let mut buf = [0u8; 1024];
-                while !req.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match tls.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => req.extend_from_slice(&buf[..n]),
-                    }
-                }
-                let _ = tls
-                    .write_all(
-                        b"HTTP/1.1 200 OK\r\ncontent-length: 6\r\nconnection: close\r\n\r\nsecure",
-                    )
-                    .await;
-                let _ = tls.shutdown().await;
-            });
-        }
-    });
-    format!("https://127.0.0.1:{}/", addr.port())
+    vigil_testkit::https::serve_url(pki.rustls_server(require_client_cert), "secure").await
 }
 
 #[tokio::test]
 async fn https_with_ca_file_unknown_ca_and_insecure() {
-    let pki = pki();
+    let pki = Pki::new("vigil-agent");
     let url = serve_tls(&pki, false).await;
     let dir = tempfile::tempdir().unwrap();
     let ca = dir.path().join("ca.pem");
-    std::fs::write(&ca, &pki.ca_pem).unwrap();
+    std::fs::write(&ca, &pki.ca.pem).unwrap();
 
     let o = run(json!({"type": "http", "request": {"url": url},
         "tls": {"ca_file": ca}, "expect": {"body_contains": ["secure"]}}))
@@ -730,15 +646,15 @@ async fn https_with_ca_file_unknown_ca_and_insecure() {
 
 #[tokio::test]
 async fn https_client_certificate() {
-    let pki = pki();
+    let pki = Pki::new("vigil-agent");
     let url = serve_tls(&pki, true).await;
     let dir = tempfile::tempdir().unwrap();
     let ca = dir.path().join("ca.pem");
     let cert = dir.path().join("client.pem");
     let key = dir.path().join("client.key");
-    std::fs::write(&ca, &pki.ca_pem).unwrap();
-    std::fs::write(&cert, &pki.client_cert_pem).unwrap();
-    std::fs::write(&key, &pki.client_key_pem).unwrap();
+    std::fs::write(&ca, &pki.ca.pem).unwrap();
+    std::fs::write(&cert, &pki.client.pem).unwrap();
+    std::fs::write(&key, &pki.client.key_pem).unwrap();
 
     let o = run(json!({"type": "http", "request": {"url": url}, "tls": {"ca_file": ca}})).await;
     assert_eq!(o.status, Status::Critical, "{}", o.message);

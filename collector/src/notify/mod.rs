@@ -112,6 +112,40 @@ impl NotifyConfig {
         out
     }
 
+    /// Every file a receiver reads a secret from, with its config key (paths as written).
+    pub fn secret_files(&self) -> Vec<(String, std::path::PathBuf)> {
+        let mut out = Vec::new();
+        for (i, w) in self.webhooks.iter().enumerate() {
+            for (h, p) in &w.headers_file {
+                out.push((format!("notify.webhooks[{i}].headers_file.{h}"), p.clone()));
+            }
+        }
+        for (i, r) in self.receivers.iter().enumerate() {
+            let key = |k: &str| format!("notify.receivers[{i}].{k}");
+            match r {
+                ReceiverConfig::Webhook(w) | ReceiverConfig::Slack(w) => {
+                    if let Some(p) = &w.url_file {
+                        out.push((key("url_file"), p.clone()));
+                    }
+                    for (h, p) in &w.headers_file {
+                        out.push((key(&format!("headers_file.{h}")), p.clone()));
+                    }
+                }
+                ReceiverConfig::Pagerduty(p) => {
+                    if let Some(f) = &p.routing_key_file {
+                        out.push((key("routing_key_file"), f.clone()));
+                    }
+                }
+                ReceiverConfig::Email(e) => {
+                    if let Some(f) = &e.password_file {
+                        out.push((key("password_file"), f.clone()));
+                    }
+                }
+            }
+        }
+        out
+    }
+
     /// Checks names, URLs, files and routes; relative file paths are resolved with `resolve`.
     pub fn validate(
         &mut self,

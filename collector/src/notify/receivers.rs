@@ -567,16 +567,7 @@ impl Receiver for Http {
                     )
                 }
                 // Without the URL: it may be the secret (a Slack webhook's path is).
-                Err(e) => {
-                    let e = e.without_url();
-                    let mut t = e.to_string();
-                    let mut src = std::error::Error::source(&e);
-                    while let Some(s) = src {
-                        t.push_str(&format!(": {s}"));
-                        src = s.source();
-                    }
-                    Delivery::failed(None, t)
-                }
+                Err(e) => Delivery::failed(None, vigil_error::describe(&e.without_url())),
             }
         })
     }
@@ -645,15 +636,10 @@ impl Receiver for Email {
             };
             match self.transport.send(msg).await {
                 Ok(r) => Delivery::delivered(Some(u16::from(r.code()) as i32)),
-                Err(e) => {
-                    let mut t = e.to_string();
-                    let mut src = std::error::Error::source(&e);
-                    while let Some(s) = src {
-                        t.push_str(&format!(": {s}"));
-                        src = s.source();
-                    }
-                    Delivery::failed(e.status().map(|c| u16::from(c) as i32), t)
-                }
+                Err(e) => Delivery::failed(
+                    e.status().map(|c| u16::from(c) as i32),
+                    vigil_error::describe(&e),
+                ),
             }
         })
     }

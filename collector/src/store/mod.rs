@@ -59,15 +59,7 @@ pub fn sql_text(e: &tokio_postgres::Error) -> String {
             }
             t
         }
-        None => {
-            let mut t = e.to_string();
-            let mut src = std::error::Error::source(e);
-            while let Some(s) = src {
-                t.push_str(&format!(": {s}"));
-                src = s.source();
-            }
-            t
-        }
+        None => vigil_error::describe(e),
     }
 }
 

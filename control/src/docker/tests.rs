@@ -2,7 +2,7 @@
 //! container from the local `vigil-busybox` image (built by `deploy/images/busybox.sh`, never
 //! pulled), removed at the end. Without a reachable Docker these tests fail, naming the socket.
 
-use std::process::Command;
+use vigil_testkit::docker::{Container, docker, unique_name};
 
 use super::*;
 use crate::{How, Plan};
@@ -16,80 +16,22 @@ async fn require_docker() {
     }
 }
 
-fn docker(args: &[&str]) -> String {
-    let out = Command::new("docker")
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run docker {args:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "docker {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
+/// A running test container that exits at once on SIGTERM, so stop and restart take no grace
+/// period; removed on drop.
+fn run_container() -> Container {
+    Container::run_sh("trap 'exit 0' TERM; sleep 3600 & wait").unwrap()
 }
 
-fn busybox_image() -> String {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/images/busybox.sh");
-    let out = Command::new("bash")
-        .arg(script)
-        .output()
-        .expect("cannot run busybox.sh");
-    assert!(
-        out.status.success(),
-        "{script}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .last()
-        .expect("busybox.sh printed no image name")
-        .trim()
-        .to_string()
-}
-
-/// A running test container, removed on drop.
-struct TestContainer {
-    name: String,
-}
-
-impl TestContainer {
-    fn run() -> Self {
-        let image = busybox_image();
-        let name = format!("vigil-test-{:016x}", rand::random::<u64>());
-        // Exits at once on SIGTERM, so stop and restart take no grace period.
-        docker(&[
-            "run",
-            "-d",
-            "--name",
-            &name,
-            &image,
-            "sh",
-            "-c",
-            "trap 'exit 0' TERM; sleep 3600 & wait",
-        ]);
-        TestContainer { name }
-    }
-
-    /// (running, StartedAt)
-    fn state(&self) -> (bool, String) {
-        let s = docker(&[
-            "inspect",
-            "-f",
-            "{{.State.Running}} {{.State.StartedAt}}",
-            &self.name,
-        ]);
-        let (running, started) = s.split_once(' ').unwrap();
-        (running == "true", started.to_string())
-    }
-}
-
-impl Drop for TestContainer {
-    fn drop(&mut self) {
-        let _ = Command::new("docker")
-            .args(["rm", "-f", &self.name])
-            .output();
-    }
+/// (running, StartedAt)
+fn state(c: &Container) -> (bool, String) {
+    let s = docker(&[
+        "inspect",
+        "-f",
+        "{{.State.Running}} {{.State.StartedAt}}",
+        &c.name,
+    ]);
+    let (running, started) = s.split_once(' ').unwrap();
+    (running == "true", started.to_string())
 }
 
 fn plan(action: Action, name: &str) -> Plan {
@@ -105,39 +47,39 @@ fn plan(action: Action, name: &str) -> Plan {
 #[tokio::test]
 async fn restart_stop_start_a_real_container() {
     require_docker().await;
-    let c = TestContainer::run();
-    let (running, started0) = c.state();
+    let c = run_container();
+    let (running, started0) = state(&c);
     assert!(running);
 
     let e = crate::execute(&plan(Action::Restart, &c.name)).await;
     assert!(e.success, "{e:?}");
     assert_eq!(e.exit_code, -1);
     assert!(e.output.contains("container is running"), "{}", e.output);
-    let (running, started1) = c.state();
+    let (running, started1) = state(&c);
     assert!(running);
     assert_ne!(started0, started1, "StartedAt did not change");
 
     let e = crate::execute(&plan(Action::Stop, &c.name)).await;
     assert!(e.success, "{e:?}");
     assert!(e.output.contains("container is exited"), "{}", e.output);
-    assert!(!c.state().0);
+    assert!(!state(&c).0);
     // Stopping a stopped container: nothing to do.
     let e = crate::execute(&plan(Action::Stop, &c.name)).await;
     assert!(e.success, "{e:?}");
 
     let e = crate::execute(&plan(Action::Start, &c.name)).await;
     assert!(e.success, "{e:?}");
-    assert!(c.state().0);
+    assert!(state(&c).0);
     // Starting a running container: nothing to do.
     let e = crate::execute(&plan(Action::Start, &c.name)).await;
     assert!(e.success, "{e:?}");
-    assert!(c.state().0);
+    assert!(state(&c).0);
 }
 
 #[tokio::test]
 async fn missing_container_fails_clearly() {
     require_docker().await;
-    let name = format!("vigil-test-missing-{:016x}", rand::random::<u64>());
+    let name = format!("{}-missing", unique_name());
     for action in [Action::Start, Action::Stop, Action::Restart] {
         let e = crate::execute(&plan(action, &name)).await;
         assert!(!e.success);
