@@ -156,14 +156,15 @@ pub fn timeline(
     spans
 }
 
-/// Millisecond totals of a window: kept exact so that services and buckets add up.
+/// Microsecond totals of a window (the resolution of recorded times): exact, so that services
+/// and buckets add up.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Totals {
-    pub up_ms: i64,
-    pub down_ms: i64,
-    pub not_counted_ms: i64,
+    pub up_us: i64,
+    pub down_us: i64,
+    pub not_counted_us: i64,
     pub incidents: u64,
-    pub longest_incident_ms: i64,
+    pub longest_incident_us: i64,
     /// Down at the end of the window (an incident still open).
     pub down_at_end: bool,
 }
@@ -179,30 +180,30 @@ pub fn totals(spans: &[Span], from: DateTime<Utc>, to: DateTime<Utc>) -> Totals 
         if b <= a {
             continue;
         }
-        let ms = (b - a).num_milliseconds();
+        let us = (b - a).num_microseconds().unwrap_or(i64::MAX);
         match s.class {
             Class::Up => {
-                t.up_ms += ms;
+                t.up_us += us;
                 if let Some(d) = open.take() {
-                    t.longest_incident_ms = t.longest_incident_ms.max(d);
+                    t.longest_incident_us = t.longest_incident_us.max(d);
                 }
             }
             Class::Down => {
-                t.down_ms += ms;
+                t.down_us += us;
                 match open.as_mut() {
-                    Some(d) => *d += ms,
+                    Some(d) => *d += us,
                     None => {
                         t.incidents += 1;
-                        open = Some(ms);
+                        open = Some(us);
                     }
                 }
             }
-            Class::NotCounted => t.not_counted_ms += ms,
+            Class::NotCounted => t.not_counted_us += us,
         }
         last = s.class;
     }
     if let Some(d) = open {
-        t.longest_incident_ms = t.longest_incident_ms.max(d);
+        t.longest_incident_us = t.longest_incident_us.max(d);
     }
     t.down_at_end = last == Class::Down;
     t
@@ -211,39 +212,39 @@ pub fn totals(spans: &[Span], from: DateTime<Utc>, to: DateTime<Utc>) -> Totals 
 impl Totals {
     /// Adds another service's totals (a node's or a category's figures).
     pub fn add(&mut self, o: &Totals) {
-        self.up_ms += o.up_ms;
-        self.down_ms += o.down_ms;
-        self.not_counted_ms += o.not_counted_ms;
+        self.up_us += o.up_us;
+        self.down_us += o.down_us;
+        self.not_counted_us += o.not_counted_us;
         self.incidents += o.incidents;
-        self.longest_incident_ms = self.longest_incident_ms.max(o.longest_incident_ms);
+        self.longest_incident_us = self.longest_incident_us.max(o.longest_incident_us);
         self.down_at_end |= o.down_at_end;
     }
 
     /// Up time over counted time, in percent; `None` when nothing was counted.
     pub fn uptime_percent(&self) -> Option<f64> {
-        let counted = self.up_ms + self.down_ms;
-        (counted > 0).then(|| self.up_ms as f64 * 100.0 / counted as f64)
+        let counted = self.up_us + self.down_us;
+        (counted > 0).then(|| self.up_us as f64 * 100.0 / counted as f64)
     }
 
     pub fn figures(&self) -> Figures {
-        let secs = |ms: i64| ms as f64 / 1000.0;
-        let per_incident = |ms: i64| (self.incidents > 0).then(|| secs(ms) / self.incidents as f64);
+        let secs = |us: i64| us as f64 / 1e6;
+        let per_incident = |us: i64| (self.incidents > 0).then(|| secs(us) / self.incidents as f64);
         Figures {
             uptime_percent: self.uptime_percent(),
-            counted_seconds: secs(self.up_ms + self.down_ms),
-            up_seconds: secs(self.up_ms),
-            down_seconds: secs(self.down_ms),
-            not_counted_seconds: secs(self.not_counted_ms),
+            counted_seconds: secs(self.up_us + self.down_us),
+            up_seconds: secs(self.up_us),
+            down_seconds: secs(self.down_us),
+            not_counted_seconds: secs(self.not_counted_us),
             incidents: self.incidents,
-            longest_incident_seconds: secs(self.longest_incident_ms),
-            mttr_seconds: per_incident(self.down_ms),
-            mtbf_seconds: per_incident(self.up_ms),
+            longest_incident_seconds: secs(self.longest_incident_us),
+            mttr_seconds: per_incident(self.down_us),
+            mtbf_seconds: per_incident(self.up_us),
             down_at_end: self.down_at_end,
         }
     }
 }
 
-/// Availability figures of a window (seconds to the millisecond).
+/// Availability figures of a window (seconds, to the microsecond).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, ToSchema)]
 pub struct Figures {
     /// Up time over counted time (up + down), in percent; null when nothing was counted (no
@@ -533,16 +534,16 @@ mod tests {
         let spans = timeline(&healthy(), &changes, t0(), min(180));
         let b = buckets(&spans, t0(), Duration::hours(1), 3);
         assert_eq!(b.len(), 3);
-        assert_eq!(b[0].down_ms, 600_000);
-        assert_eq!(b[1].down_ms, 600_000);
-        assert_eq!(b[2].down_ms, 0);
+        assert_eq!(b[0].down_us, 600_000_000);
+        assert_eq!(b[1].down_us, 600_000_000);
+        assert_eq!(b[2].down_us, 0);
         let mut sum = Totals::default();
         for t in &b {
             sum.add(t);
         }
         let whole = totals(&spans, t0(), min(180));
-        assert_eq!(sum.up_ms, whole.up_ms);
-        assert_eq!(sum.down_ms, whole.down_ms);
+        assert_eq!(sum.up_us, whole.up_us);
+        assert_eq!(sum.down_us, whole.down_us);
         // Split by the bucket edge, the one incident is counted in each bucket it touches.
         assert_eq!(sum.incidents, 2);
         assert_eq!(whole.incidents, 1);

@@ -313,10 +313,10 @@ mod tests {
 
     fn sample() -> Report {
         let f = Totals {
-            up_ms: 86_400_000 - 600_000,
-            down_ms: 600_000,
+            up_us: 86_400_000_000 - 600_000_000,
+            down_us: 600_000_000,
             incidents: 1,
-            longest_incident_ms: 600_000,
+            longest_incident_us: 600_000_000,
             ..Totals::default()
         }
         .figures();

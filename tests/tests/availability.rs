@@ -120,14 +120,14 @@ fn secs(a: DateTime<Utc>, b: DateTime<Utc>) -> f64 {
     (b - a).num_microseconds().expect("short") as f64 / 1e6
 }
 
-/// Seconds from the API (to the millisecond) against seconds from the events (microseconds):
-/// each span is cut to whole milliseconds, so a few milliseconds at most apart.
+/// Figures from the API against figures from the events: both in microseconds, so equal but for
+/// floating-point rounding.
 fn close(got: &Value, want: f64, what: &str) {
     let got = got
         .as_f64()
         .unwrap_or_else(|| panic!("{what}: not a number: {got}"));
     assert!(
-        (got - want).abs() < 0.01,
+        (got - want).abs() < 1e-6 * want.abs().max(1.0),
         "{what}: got {got}, the events say {want}"
     );
 }

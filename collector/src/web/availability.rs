@@ -414,8 +414,8 @@ mod tests {
     #[test]
     fn bars_say_without_colour_what_the_colour_says() {
         let t = Totals {
-            up_ms: 3_000_000,
-            down_ms: 600_000,
+            up_us: 3_000_000_000,
+            down_us: 600_000_000,
             ..Totals::default()
         };
         assert_eq!(bar_class(&t), "u-bad");
