@@ -74,6 +74,8 @@ fn layout(title: &str, user: Option<&Caller>, body: Markup) -> Markup {
                 }
                 title { (title) " · Vigil" }
                 link rel="stylesheet" href="/static/app.css";
+                // No icon: without this the browser asks for /favicon.ico and logs its 404.
+                link rel="icon" href="data:,";
                 script src="/static/app.js" defer {}
             }
             body {
