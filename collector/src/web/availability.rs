@@ -213,8 +213,26 @@ async fn node(
 /// The categories a service can have.
 const CATEGORIES: [&str; 5] = ["api", "web", "container", "system", "gpu"];
 
+/// A service category (the OpenAPI document's view of the path parameter; any other value is
+/// answered 404).
+#[derive(ToSchema)]
+#[schema(as = Category)]
+#[allow(dead_code)]
+enum CategoryName {
+    #[schema(rename = "api")]
+    Api,
+    #[schema(rename = "web")]
+    Web,
+    #[schema(rename = "container")]
+    Container,
+    #[schema(rename = "system")]
+    System,
+    #[schema(rename = "gpu")]
+    Gpu,
+}
+
 #[utoipa::path(get, path = "/api/categories/{category}/availability",
-    params(("category" = String, Path, description = "api | web | container | system | gpu"), WindowQuery),
+    params(("category" = CategoryName, Path, description = "api | web | container | system | gpu"), WindowQuery),
     responses((status = 200, body = AvailabilityReport),
               (status = 400, description = "a bad window: not RFC 3339, from not before to, longer than 400 days", body = ErrorBody),
               (status = 404, body = ErrorBody)),
@@ -249,7 +267,7 @@ async fn category(
 #[derive(OpenApi)]
 #[openapi(
     paths(service, node, category),
-    components(schemas(AvailabilityReport, ServiceAvailability, Figures))
+    components(schemas(AvailabilityReport, ServiceAvailability, Figures, CategoryName))
 )]
 pub struct AvailabilityDoc;
 
@@ -409,6 +427,28 @@ mod tests {
         );
         assert!(time("from", "2026-13-01T00:00:00Z").is_err());
         assert!(time("from", "yesterday").is_err());
+    }
+
+    #[test]
+    fn the_document_declares_the_window_and_the_categories() {
+        let doc = serde_json::to_value(super::super::api::document()).unwrap();
+        let op = &doc["paths"]["/api/categories/{category}/availability"]["get"];
+        let params = op["parameters"].as_array().unwrap();
+        let by_name = |n: &str| params.iter().find(|p| p["name"] == n).unwrap().clone();
+        assert_eq!(by_name("from")["in"], "query");
+        assert_eq!(by_name("from")["schema"]["format"], "date-time");
+        assert_eq!(by_name("to")["in"], "query");
+        let category = by_name("category");
+        assert_eq!(category["in"], "path");
+        let r = category["schema"]["$ref"].as_str().unwrap();
+        let name = r.rsplit('/').next().unwrap();
+        assert_eq!(
+            doc["components"]["schemas"][name]["enum"],
+            serde_json::json!(CATEGORIES)
+        );
+        for code in ["200", "400", "401", "404", "503"] {
+            assert!(op["responses"].get(code).is_some(), "{code}");
+        }
     }
 
     #[test]
