@@ -1,5 +1,5 @@
 //! Availability end to end: a scripted sequence of results written through the real ingest path
-//! (the agent protocol spoken directly) and an operator's pause give, from the API (service,
+//! (the agent protocol spoken directly), a service going stale and an operator's pause give, from the API (service,
 //! node, category) and from `vigil-collector report` in JSON, CSV and HTML, the figures the
 //! recorded transitions say; bad windows and unknown names are refused with JSON errors.
 
@@ -191,7 +191,7 @@ async fn figures_from_the_api_and_the_report_follow_the_recorded_transitions() -
     )?;
     ws.write_service(
         "other",
-        &format!("id: other\ncategory: system\nnode: n1\ncheck:\n  type: command\n  interval: 1h\n  argv: [\"/bin/true\"]\n{on_failure}"),
+        &format!("id: other\ncategory: system\nnode: n1\ncheck:\n  type: command\n  interval: 1h\n  argv: [\"/bin/true\"]\nstale_after: 1s\n{on_failure}"),
     )?;
     let path = ws.write_collector(&pgdb.url, &["n1", "n2"])?;
     let collector = Collector::start(Config::load(&path)?).await?;
@@ -204,9 +204,21 @@ async fn figures_from_the_api_and_the_report_follow_the_recorded_transitions() -
         .build()?;
 
     let start: DateTime<Utc> = db.query_one("SELECT now()", &[]).await?.get(0);
-    // The script: healthy; down (2 failures); healthy; paused and resumed; down again, open.
+    // The script. other: healthy, then stale (no result for 1 s, decided by the collector's
+    // liveness pass), fresh again at the end. svc: healthy; down (2 failures); healthy; paused
+    // and resumed; down again, still open at the end.
     let mut s = Stream::open(&ws, &collector).await?;
     s.result("other", v1::Status::Ok).await?;
+    let stale_at = vigil_tests::wait_for("other to go stale", Duration::from_secs(30), || async {
+        let r = db
+            .query_opt(
+                "SELECT at FROM events WHERE service_id = 'other' AND kind = 'stale' AND to_state = 'stale'",
+                &[],
+            )
+            .await?;
+        Ok(r.map(|r| r.get::<_, DateTime<Utc>>(0)))
+    })
+    .await?;
     s.result("svc", v1::Status::Ok).await?;
     s.result("svc", v1::Status::Critical).await?;
     s.result("svc", v1::Status::Critical).await?;
@@ -222,6 +234,7 @@ async fn figures_from_the_api_and_the_report_follow_the_recorded_transitions() -
     s.result("svc", v1::Status::Warning).await?;
     s.result("svc", v1::Status::Critical).await?;
     s.result("svc", v1::Status::Critical).await?;
+    s.result("other", v1::Status::Ok).await?;
     let end: DateTime<Utc> = db.query_one("SELECT now()", &[]).await?.get(0);
 
     // What the events say.
@@ -232,6 +245,8 @@ async fn figures_from_the_api_and_the_report_follow_the_recorded_transitions() -
     let paused = event_at(&db, "svc", "mode", "paused", 0).await?;
     let resumed = event_at(&db, "svc", "mode", "active", 0).await?;
     let down2 = event_at(&db, "svc", "state", "down", 1).await?;
+    let fresh_at = event_at(&db, "other", "stale", "fresh", 0).await?;
+    assert!(other_up < stale_at && stale_at < up1 && down2 < fresh_at && fresh_at < end);
     assert!(start <= other_up && other_up < up1 && up1 < down1 && down1 < up2);
     assert!(up2 < paused && paused < resumed && resumed < down2 && down2 < end);
     let want_up = secs(up1, down1) + secs(up2, paused) + secs(resumed, down2);
@@ -321,6 +336,22 @@ async fn figures_from_the_api_and_the_report_follow_the_recorded_transitions() -
     assert_eq!(c["mttr_seconds"], Value::Null);
     assert_eq!(c["down_at_end"], false);
 
+    // other: its stale stretch is down time, one incident.
+    let (st, o) = get(
+        &http,
+        &base,
+        &format!("/api/services/other/availability{window}"),
+        Some(&viewer),
+    )
+    .await?;
+    assert_eq!(st, StatusCode::OK, "{o}");
+    assert_eq!(o["incidents"], 1);
+    assert_eq!(o["down_at_end"], false);
+    let other_down = secs(stale_at, fresh_at);
+    let other_up = secs(other_up, stale_at) + secs(fresh_at, end);
+    close(&o["down_seconds"], other_down, "other stale");
+    close(&o["up_seconds"], other_up, "other up");
+
     // The node adds its services' times; the category holds svc alone.
     let (st, n) = get(
         &http,
@@ -331,10 +362,9 @@ async fn figures_from_the_api_and_the_report_follow_the_recorded_transitions() -
     .await?;
     assert_eq!(st, StatusCode::OK, "{n}");
     assert_eq!(n["scope"], "node");
-    assert_eq!(n["incidents"], 2);
-    let other_up_secs = secs(other_up, end);
-    close(&n["up_seconds"], want_up + other_up_secs, "node up");
-    close(&n["down_seconds"], want_down, "node down");
+    assert_eq!(n["incidents"], 3);
+    close(&n["up_seconds"], want_up + other_up, "node up");
+    close(&n["down_seconds"], want_down + other_down, "node down");
     let ids: Vec<&str> = n["services"]
         .as_array()
         .expect("services")
@@ -508,7 +538,7 @@ async fn figures_from_the_api_and_the_report_follow_the_recorded_transitions() -
     assert_eq!(n1["services"], 2);
     assert_eq!(n1["down_seconds"], n["down_seconds"]);
     assert_eq!(n1["up_seconds"], n["up_seconds"]);
-    assert_eq!(r["total"]["incidents"], 2);
+    assert_eq!(r["total"]["incidents"], 3);
 
     let out = run("csv", None).output()?;
     assert!(
