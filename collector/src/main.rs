@@ -105,6 +105,7 @@ times. Time after now is not counted.",
   vigil-collector report -c collector.yaml --format html --out availability.html"
     )]
     Report {
+        /// collector.yaml; the report reads the database it names.
         #[arg(long, short)]
         config: PathBuf,
         /// Start: RFC 3339 (2026-11-01T00:00:00Z) or a UTC date (2026-11-01); default: the first
