@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, DurationRound, Utc};
 use reqwest::StatusCode;
 use serde_json::Value;
 use tokio::sync::mpsc;
@@ -235,7 +235,6 @@ async fn figures_from_the_api_and_the_report_follow_the_recorded_transitions() -
     s.result("svc", v1::Status::Critical).await?;
     s.result("svc", v1::Status::Critical).await?;
     s.result("other", v1::Status::Ok).await?;
-    let end: DateTime<Utc> = db.query_one("SELECT now()", &[]).await?.get(0);
 
     // What the events say.
     let other_up = event_at(&db, "other", "state", "healthy", 0).await?;
@@ -246,7 +245,19 @@ async fn figures_from_the_api_and_the_report_follow_the_recorded_transitions() -
     let resumed = event_at(&db, "svc", "mode", "active", 0).await?;
     let down2 = event_at(&db, "svc", "state", "down", 1).await?;
     let fresh_at = event_at(&db, "other", "stale", "fresh", 0).await?;
-    assert!(other_up < stale_at && stale_at < up1 && down2 < fresh_at && fresh_at < end);
+    // The window ends just after the last transition of the script (other could go stale
+    // again a second later), once that is in the past.
+    let end = fresh_at + chrono::Duration::milliseconds(1);
+    vigil_tests::wait_for(
+        "the end of the window to pass",
+        Duration::from_secs(10),
+        || async {
+            let now: DateTime<Utc> = db.query_one("SELECT clock_timestamp()", &[]).await?.get(0);
+            Ok((now > end).then_some(()))
+        },
+    )
+    .await?;
+    assert!(other_up < stale_at && stale_at < up1 && down2 < fresh_at);
     assert!(start <= other_up && other_up < up1 && up1 < down1 && down1 < up2);
     assert!(up2 < paused && paused < resumed && resumed < down2 && down2 < end);
     let want_up = secs(up1, down1) + secs(up2, paused) + secs(resumed, down2);
@@ -265,6 +276,10 @@ async fn figures_from_the_api_and_the_report_follow_the_recorded_transitions() -
     println!("service availability: {a:#}");
     assert_eq!(a["scope"], "service");
     assert_eq!(a["id"], "svc");
+    assert_eq!(
+        a["until"], a["to"],
+        "the window is in the past: counted to its end"
+    );
     assert_eq!(a["incidents"], 2);
     assert_eq!(a["down_at_end"], true, "the second incident is still open");
     close(&a["up_seconds"], want_up, "up");
@@ -290,7 +305,8 @@ async fn figures_from_the_api_and_the_report_follow_the_recorded_transitions() -
 
     // A window that starts inside the first incident: the state at `from` is the last
     // transition's before it (down), and the incident counts with its part inside.
-    let mid = down1 + (up2 - down1) / 2;
+    // Whole microseconds, as the query carries it.
+    let mid = (down1 + (up2 - down1) / 2).duration_trunc(chrono::Duration::microseconds(1))?;
     let (st, b) = get(
         &http,
         &base,
@@ -606,5 +622,17 @@ async fn figures_from_the_api_and_the_report_follow_the_recorded_transitions() -
         .output()?;
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--from"));
+
+    // A database that cannot be reached: an error that says so, no report.
+    let unreachable = ws.write_collector("postgres://vigil@127.0.0.1:1/vigil", &["n1", "n2"])?;
+    let out = std::process::Command::new(&bin)
+        .arg("report")
+        .arg("-c")
+        .arg(&unreachable)
+        .output()?;
+    assert!(!out.status.success());
+    assert!(out.stdout.is_empty(), "no partial report");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot connect to PostgreSQL"), "{err}");
     Ok(())
 }
