@@ -6,9 +6,7 @@ use chrono::{DateTime, Datelike, NaiveDate, TimeZone, Utc};
 use maud::{DOCTYPE, html};
 use serde::Serialize;
 
-use crate::availability::{
-    Figures, ServiceAvailability, Totals, duration_text, percent_text, summarize,
-};
+use crate::availability::{Figures, ServiceAvailability, Totals, duration_text, percent_text};
 use crate::store::{Scope, Store, StoreError};
 
 /// The report's output formats.
@@ -86,11 +84,8 @@ pub async fn build(
     to: DateTime<Utc>,
     now: DateTime<Utc>,
 ) -> Result<Report, StoreError> {
-    let until = to.min(now).max(from);
-    let histories = store
-        .availability_histories(Scope::All, from, until)
-        .await?;
-    let (sum, per) = summarize(&histories, from, until);
+    let (sum, per, until) =
+        crate::web::availability::compute(store, Scope::All, from, to, now).await?;
     // Services come ordered by node: a node's totals are one run.
     let mut nodes: Vec<(String, usize, Totals)> = Vec::new();
     for (s, t) in &per {

@@ -124,20 +124,16 @@ fn name(p: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
         .map_err(|e| ApiError::bad_request(None, e.body_text()))
 }
 
-/// Computes the report of `scope` over `[from, to)`, counting until now at the latest.
-pub async fn report(
+/// The figures of `scope` over `[from, to)`, counted until now at the latest: the sum, each
+/// service's, and where counting stopped. Shared by the API and `vigil-collector report`.
+pub async fn compute(
     store: &Store,
     scope: Scope<'_>,
     from: DateTime<Utc>,
     to: DateTime<Utc>,
     now: DateTime<Utc>,
 ) -> Result<(Totals, Vec<(ServiceAvailability, Totals)>, DateTime<Utc>), crate::store::StoreError> {
-    let until = to.min(now);
-    if until <= from {
-        let histories = store.availability_histories(scope, from, from).await?;
-        let (sum, per) = summarize(&histories, from, from);
-        return Ok((sum, per, until.max(from)));
-    }
+    let until = to.min(now).max(from);
     let histories = store.availability_histories(scope, from, until).await?;
     let (sum, per) = summarize(&histories, from, until);
     Ok((sum, per, until))
@@ -150,7 +146,7 @@ async fn answer(
     scope: Scope<'_>,
     (from, to): (DateTime<Utc>, DateTime<Utc>),
 ) -> Result<Json<AvailabilityReport>, ApiError> {
-    let (sum, per, until) = report(&state.hub.store, scope, from, to, Utc::now()).await?;
+    let (sum, per, until) = compute(&state.hub.store, scope, from, to, Utc::now()).await?;
     Ok(Json(AvailabilityReport {
         scope: scope_name.into(),
         id,
