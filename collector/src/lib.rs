@@ -3,6 +3,7 @@
 //! `vigil-collector` is a thin CLI over this library; tests run it in-process.
 
 pub mod agentless;
+pub mod availability;
 pub mod ca;
 pub mod config;
 pub mod doctor;
@@ -12,6 +13,7 @@ pub mod maintenance;
 pub mod metrics;
 pub mod notify;
 pub mod remediation;
+pub mod report;
 pub mod secret;
 pub mod ssh;
 pub mod state;

@@ -86,6 +86,44 @@ enum Command {
         #[command(subcommand)]
         command: CaCommand,
     },
+    /// Availability report of every configured service and node over a window (default: the last
+    /// full calendar month, UTC), from the database the config names: uptime %, incidents, down
+    /// time, MTTR, MTBF.
+    #[command(
+        long_about = "Availability report of every configured service and node over a window \
+(default: the last full calendar month, UTC), read from the database the config names.
+
+Figures come from the recorded state transitions, not from sampling. Down: state down, or stale \
+(no fresh result; a down node makes its services stale). Not counted (left out of the uptime's \
+denominator): paused, stopped, in maintenance, no result yet. Uptime = up / (up + down). An \
+incident is a stretch of down time (one interrupted only by a pause or maintenance stays one); \
+MTTR = down time / incidents, MTBF = up time / incidents. A node's figures add up its services' \
+times. Time after now is not counted.",
+        after_help = "Examples:
+  vigil-collector report -c collector.yaml                                  # last month, JSON
+  vigil-collector report -c collector.yaml --from 2026-10-01 --to 2026-11-01 --format csv
+  vigil-collector report -c collector.yaml --format html --out availability.html"
+    )]
+    Report {
+        /// collector.yaml; the report reads the database it names.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Start: RFC 3339 (2026-11-01T00:00:00Z) or a UTC date (2026-11-01); default: the first
+        /// day of last month (30 days before --to when only --to is given).
+        #[arg(long, value_parser = vigil_collector::report::parse_when)]
+        from: Option<chrono::DateTime<chrono::Utc>>,
+        /// End, exclusive (same forms); default: the first day of this month (now when only
+        /// --from is given). At most 400 days after --from.
+        #[arg(long, value_parser = vigil_collector::report::parse_when)]
+        to: Option<chrono::DateTime<chrono::Utc>>,
+        /// json (figures in seconds), csv (one row per service, per node, and a total) or html
+        /// (one self-contained page).
+        #[arg(long, value_enum, default_value = "json")]
+        format: vigil_collector::report::Format,
+        /// Write the report to this file instead of standard output.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Maintenance windows: scheduled silences during which the services they cover are neither
     /// restarted nor alerted about (checks go on). Talks to the database directly.
     Maintenance {
@@ -282,6 +320,13 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Token { command } => token(command).await,
+        Command::Report {
+            config,
+            from,
+            to,
+            format,
+            out,
+        } => report(config, from, to, format, out).await,
         Command::Maintenance { command } => maintenance(command).await,
         Command::Ca { command } => match command {
             CaCommand::Init { dir, hosts } => {
@@ -620,6 +665,37 @@ async fn maintenance(command: MaintenanceCommand) -> anyhow::Result<()> {
             apply(&store, &cfg).await?;
             println!("maintenance window {id} {name:?} deleted");
         }
+    }
+    Ok(())
+}
+
+async fn report(
+    config: PathBuf,
+    from: Option<chrono::DateTime<chrono::Utc>>,
+    to: Option<chrono::DateTime<chrono::Utc>>,
+    format: vigil_collector::report::Format,
+    out: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    use vigil_collector::report;
+    let now = chrono::Utc::now();
+    let (month_from, month_to) = report::last_full_month(now);
+    let (from, to) = match (from, to) {
+        (None, None) => (month_from, month_to),
+        (Some(f), None) => (f, now.max(f + chrono::Duration::seconds(1))),
+        (None, Some(t)) => (t - chrono::Duration::days(30), t),
+        (Some(f), Some(t)) => (f, t),
+    };
+    if let Err((field, msg)) = vigil_collector::web::availability::check_window(from, to) {
+        anyhow::bail!("--{field}: {msg}");
+    }
+    let cfg = Config::load(&config)?;
+    let store = Store::connect(&cfg.database_url, 1).await?;
+    let r = report::build(&store, from, to, now).await?;
+    let text = report::render(&r, format);
+    match out {
+        Some(path) => std::fs::write(&path, text)
+            .with_context(|| format!("cannot write {}", path.display()))?,
+        None => print!("{text}"),
     }
     Ok(())
 }

@@ -51,6 +51,8 @@ pub struct Browser {
     /// The WebDriver session.
     pub client: Client,
     driver: Child,
+    /// chromedriver's address.
+    url: String,
 }
 
 impl Browser {
@@ -68,7 +70,11 @@ impl Browser {
             .with_context(|| format!("starting {}", exe.display()))?;
         let url = format!("http://127.0.0.1:{port}");
         match Self::connect(&url, &mut driver).await {
-            Ok(client) => Ok(Browser { client, driver }),
+            Ok(client) => Ok(Browser {
+                client,
+                driver,
+                url,
+            }),
             Err(e) => {
                 let _ = driver.kill();
                 let _ = driver.wait();
@@ -113,6 +119,8 @@ impl Browser {
         let mut caps = serde_json::Map::new();
         caps.insert("browserName".into(), json!("chrome"));
         caps.insert("goog:chromeOptions".into(), chrome);
+        // Keeps the page's console errors for `console_errors`.
+        caps.insert("goog:loggingPrefs".into(), json!({ "browser": "SEVERE" }));
         let client = ClientBuilder::rustls()
             .context("TLS setup for the WebDriver client")?
             .capabilities(caps)
@@ -120,6 +128,31 @@ impl Browser {
             .await
             .context("opening a headless Chromium session through chromedriver")?;
         Ok(client)
+    }
+
+    /// The browser's console errors (uncaught exceptions, failed loads, `console.error`) since
+    /// the last call, through chromedriver's log endpoint.
+    pub async fn console_errors(&self) -> anyhow::Result<Vec<String>> {
+        let id = self
+            .client
+            .session_id()
+            .await?
+            .context("no WebDriver session")?;
+        let v: Value = reqwest::Client::new()
+            .post(format!("{}/session/{id}/se/log", self.url))
+            .json(&json!({ "type": "browser" }))
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+        Ok(v["value"]
+            .as_array()
+            .context("chromedriver's log answer has no value")?
+            .iter()
+            .filter(|e| e["level"] == "SEVERE")
+            .map(|e| e["message"].as_str().unwrap_or_default().to_string())
+            .collect())
     }
 
     /// Text of the first element matching `css`.

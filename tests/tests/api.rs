@@ -510,6 +510,9 @@ async fn endpoints_roles_and_bad_input() -> anyhow::Result<()> {
         "/api/services/{id}/commands",
         "/api/services/{id}/daily",
         "/api/nodes",
+        "/api/services/{id}/availability",
+        "/api/nodes/{node}/availability",
+        "/api/categories/{category}/availability",
     ] {
         assert!(
             doc["paths"][p].is_object(),
@@ -728,6 +731,13 @@ const PARAMETERS: &[(&str, &str, bool)] = &[
     ("GET", "/api/incidents/X", false),
     ("POST", "/api/incidents/X/ack", true),
     ("GET", "/api/maintenance/X", false),
+    ("GET", "/api/services/X/availability", false),
+    ("GET", "/api/services/web/availability?from=X", false),
+    ("GET", "/api/services/web/availability?to=X", false),
+    ("GET", "/api/nodes/X/availability", false),
+    ("GET", "/api/nodes/n1/availability?from=X", false),
+    ("GET", "/api/categories/X/availability", false),
+    ("GET", "/api/categories/web/availability?to=X", false),
     ("DELETE", "/api/maintenance/X", true),
     ("GET", "/api/X", false),
 ];
@@ -786,7 +796,7 @@ async fn nul_and_invalid_utf8_are_bad_input_never_an_outage() -> anyhow::Result<
 /// The names of the query parameters the handlers read.
 const QUERY_PARAMETERS: &[&str] = &[
     "category", "node", "status", "wait", "limit", "before", "since", "days", "minutes", "open",
-    "service",
+    "service", "from", "to",
 ];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,7 +1,8 @@
 //! Dashboard in a real browser (headless Chromium via chromedriver and fantoccini): login, live
 //! status badges over server-sent events, a confirmed restart followed to "succeeded", a pause
 //! seen without reloading, and the service and nodes pages; a maintenance window created from
-//! the service page and its badge in the list.
+//! the service page and its badge in the list; the service page's uptime bars, with no console
+//! errors.
 
 use std::time::Duration;
 
@@ -118,6 +119,34 @@ async fn login_live_updates_and_restart() -> anyhow::Result<()> {
         },
     )
     .await?;
+
+    // Uptime bars: 24 h per hour, 7/30/90 days per day, each range's figure as text and each
+    // bar's in words (not only in colour); no console errors on the page.
+    let bars = browser
+        .js("return ['24h', '7d', '30d', '90d'].map(r => \
+             document.querySelectorAll(`section.uptime [data-range=\"${r}\"] li.bar`).length);")
+        .await?;
+    assert_eq!(bars, serde_json::json!([24, 7, 30, 90]));
+    let figure = browser.text(r#"[data-field="uptime-24h"]"#).await?;
+    assert_eq!(
+        figure, "100.00 %",
+        "web was healthy, then paused (not counted)"
+    );
+    let sr = browser
+        .js(
+            "const b = document.querySelectorAll('section.uptime [data-range=\"24h\"] li.bar'); \
+             return b[b.length - 1].textContent;",
+        )
+        .await?;
+    assert!(
+        sr.as_str().is_some_and(|t| t.contains("UTC: 100.00 %")),
+        "the current hour's bar says its figure in words: {sr}"
+    );
+    let errors = browser.console_errors().await?;
+    assert!(
+        errors.is_empty(),
+        "console errors on /services/web: {errors:?}"
+    );
 
     // The nodes page lists the agent's node.
     c.goto(&format!("{base}/nodes")).await?;

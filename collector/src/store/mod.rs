@@ -11,6 +11,8 @@ use vigil_checks::{Metric, Status};
 use crate::config::Config;
 use crate::state::{FlapChange, State, Transition};
 
+mod availability;
+pub use availability::{Scope, ServiceHistory};
 mod ingest;
 pub use ingest::{COPY_FROM, Dedupe, Gap, RESULT_COLUMNS, RESULT_TYPES};
 mod liveness;

@@ -39,6 +39,7 @@ pub fn routes() -> axum::Router<AppState> {
         .route("/api/commands/{id}", get(command))
         .route("/api/nodes", get(nodes))
         .merge(super::maintenance::routes())
+        .merge(super::availability::routes())
         .route("/api/incidents", get(incidents))
         .route("/api/incidents/{id}", get(incident))
         .route("/api/incidents/{id}/ack", post(ack_incident))
@@ -918,10 +919,12 @@ impl utoipa::Modify for ErrorResponses {
     }
 }
 
-/// The whole OpenAPI document: the API's paths, the maintenance windows', and the errors every
-/// operation can answer.
+/// The whole OpenAPI document: the API's paths, the maintenance windows', availability's, and
+/// the errors every operation can answer.
 pub fn document() -> utoipa::openapi::OpenApi {
-    let mut doc = ApiDoc::openapi().merge_from(super::maintenance::MaintenanceDoc::openapi());
+    let mut doc = ApiDoc::openapi()
+        .merge_from(super::maintenance::MaintenanceDoc::openapi())
+        .merge_from(super::availability::AvailabilityDoc::openapi());
     utoipa::Modify::modify(&ErrorResponses, &mut doc);
     doc
 }

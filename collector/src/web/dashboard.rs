@@ -74,6 +74,8 @@ fn layout(title: &str, user: Option<&Caller>, body: Markup) -> Markup {
                 }
                 title { (title) " · Vigil" }
                 link rel="stylesheet" href="/static/app.css";
+                // No icon: without this the browser asks for /favicon.ico and logs its 404.
+                link rel="icon" href="data:,";
                 script src="/static/app.js" defer {}
             }
             body {
@@ -481,6 +483,7 @@ async fn service_page(
             .filter(|w| w.covers.contains(&h.id))
             .collect();
     let incidents = store.incidents(None, Some(&id), 10).await?;
+    let uptime = super::availability::uptime_bars(store, &id, now).await?;
     Ok(layout(&h.name, Some(&user), html! {
         div.title data-service=(h.id) data-status=(h.status) {
             h1 { (h.name) " " span.badge.(h.status) data-field="status" { (h.status) } }
@@ -502,6 +505,7 @@ async fn service_page(
             dt { "Labels" } dd.labels { @if h.labels.is_empty() { "–" } @for (k, v) in &h.labels { span.label { (k) "=" (v) } " " } }
         }
         (maintenance_section(&h, &windows, &user, now))
+        (uptime)
         h2 { "Last 24 hours" }
         (timeline(&segments, from, now))
         h2 { "Response time (last " (points.len()) " checks)" }

@@ -4,6 +4,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod availability;
 pub mod dashboard;
 pub mod maintenance;
 pub mod settings;
