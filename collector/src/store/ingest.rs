@@ -282,12 +282,22 @@ impl Store {
             let advance = tx.prepare_cached(ADVANCE_PROGRESS).await?;
             let key: [&(dyn ToSql + Sync); 2] = [&node, &epoch];
             let key_top: [&(dyn ToSql + Sync); 3] = [&node, &epoch, &top];
-            let (_, stored, _, locked) = tokio::try_join!(
+            let (stored, locked) = match tokio::join!(
                 tx.execute(&ensure, &key),
                 tx.query_one(&read, &key),
                 tx.execute(&advance, &key_top),
                 tx.query(&lock, &lock_params),
-            )?;
+            ) {
+                (Ok(_), Ok(stored), Ok(_), Ok(locked)) => (stored, locked),
+                (a, b, c, d) => {
+                    return Err(root_cause([
+                        a.err().map(StoreError::from),
+                        b.err().map(StoreError::from),
+                        c.err().map(StoreError::from),
+                        d.err().map(StoreError::from),
+                    ]));
+                }
+            };
             let dropped_through: i64 = stored.get(1);
             let stored: i64 = stored.get(0);
             let mut fresh: Vec<&ResultIn> =
@@ -320,11 +330,15 @@ impl Store {
                     .await?;
                 let key_top: [&(dyn ToSql + Sync); 3] = [&node, &epoch, &top];
                 let upserting = async { Ok::<_, StoreError>(tx.execute(&upsert, &key_top).await?) };
-                let (_, fresh, locked) =
-                    tokio::try_join!(upserting, insert_results(&tx, node, epoch, &all), locking,)?;
-                (fresh, locked)
+                match tokio::join!(upserting, insert_results(&tx, node, epoch, &all), locking) {
+                    (Ok(_), Ok(fresh), Ok(locked)) => (fresh, locked),
+                    (a, b, c) => return Err(root_cause([a.err(), b.err(), c.err()])),
+                }
             } else {
-                tokio::try_join!(insert_results(&tx, node, epoch, &all), locking)?
+                match tokio::join!(insert_results(&tx, node, epoch, &all), locking) {
+                    (Ok(fresh), Ok(locked)) => (fresh, locked),
+                    (a, b) => return Err(root_cause([a.err(), b.err()])),
+                }
             }
         };
         let mut report = IngestReport {
@@ -703,12 +717,31 @@ async fn advance_states(
             .await?;
         let event_params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] =
             [&e_id, &e_kind, &e_from, &e_to, &e_reason];
-        tokio::try_join!(
+        if let (a, b) = tokio::join!(
             tx.execute(&update, &update_params),
             tx.execute(&events, &event_params),
-        )?;
+        ) && (a.is_err() || b.is_err())
+        {
+            return Err(root_cause([
+                a.err().map(StoreError::from),
+                b.err().map(StoreError::from),
+            ]));
+        }
     }
     Ok(())
+}
+
+/// The error that made statements pipelined in one transaction fail. After the first failure
+/// PostgreSQL answers every later statement with 25P02 ("current transaction is aborted"),
+/// which says nothing of the cause, and which of the answers a join sees first depends on
+/// timing: the cause decides whether a batch is refused for good or retried.
+fn root_cause<const N: usize>(errors: [Option<StoreError>; N]) -> StoreError {
+    let mut errors: Vec<StoreError> = errors.into_iter().flatten().collect();
+    let aborted = |e: &StoreError| {
+        matches!(e, StoreError::Sql(s) if s.code() == Some(&SqlState::IN_FAILED_SQL_TRANSACTION))
+    };
+    let i = errors.iter().position(|e| !aborted(e)).unwrap_or(0);
+    errors.swap_remove(i)
 }
 
 impl Store {
