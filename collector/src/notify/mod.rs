@@ -270,7 +270,8 @@ const LATE_SETTLE: Duration = Duration::from_secs(10);
 /// A node down or a backlog without an incident this long is opened late (the node_down alert
 /// normally waits up to 4 s for the SSH heal).
 const NODE_GRACE: Duration = Duration::from_secs(15);
-/// Rows claimed at once (at most one per incident and receiver, sent concurrently).
+/// Rows claimed at once (at most one per subject — a service or a node — and receiver, sent
+/// concurrently).
 const CLAIM: i64 = 32;
 /// A down service without an incident gets one only when this long has passed since its
 /// dependency, mode or flapping changed, or a start or restart ran (its next results tell).
@@ -624,8 +625,8 @@ impl Alerts {
             }
             let receivers = self.receivers.read().expect("receivers lock").clone();
             let (give_up_after, max_backoff) = *self.timing.read().expect("timing lock");
-            // At most one row per incident and receiver is claimed at once: sending them
-            // concurrently keeps each incident's alerts in order.
+            // At most one row per subject (service or node) and receiver is claimed at once:
+            // sending them concurrently keeps each subject's alerts in the order written.
             let sends = rows.iter().map(|row| {
                 let receivers = receivers.clone();
                 async move {

@@ -744,9 +744,16 @@ impl Store {
                SELECT p.id FROM alerts p
                WHERE p.delivered_at IS NULL AND p.failed_at IS NULL AND p.next_attempt_at <= now()
                  AND (p.claimed_until IS NULL OR p.claimed_until < now())
-                 AND NOT EXISTS (SELECT 1 FROM alerts e WHERE e.incident_id = p.incident_id
-                                 AND e.receiver = p.receiver AND e.id < p.id
-                                 AND e.delivered_at IS NULL AND e.failed_at IS NULL)
+                 -- One subject (a service, or a node) at a time per receiver, oldest first:
+                 -- its alerts of different incidents (recovered, then flapping) arrive in the
+                 -- order they were written.
+                 AND NOT EXISTS (SELECT 1 FROM alerts e
+                                 JOIN incidents ie ON ie.id = e.incident_id
+                                 JOIN incidents ip ON ip.id = p.incident_id
+                                 WHERE ie.node = ip.node
+                                   AND ie.service_id IS NOT DISTINCT FROM ip.service_id
+                                   AND e.receiver = p.receiver AND e.id < p.id
+                                   AND e.delivered_at IS NULL AND e.failed_at IS NULL)
                ORDER BY p.id LIMIT $1 FOR UPDATE SKIP LOCKED)
              RETURNING {ALERT_COLUMNS}"
         );

@@ -737,9 +737,7 @@ async fn advance_states(
 /// timing: the cause decides whether a batch is refused for good or retried.
 fn root_cause<const N: usize>(errors: [Option<StoreError>; N]) -> StoreError {
     let mut errors: Vec<StoreError> = errors.into_iter().flatten().collect();
-    let aborted = |e: &StoreError| {
-        matches!(e, StoreError::Sql(s) if s.code() == Some(&SqlState::IN_FAILED_SQL_TRANSACTION))
-    };
+    let aborted = |e: &StoreError| matches!(e, StoreError::Sql(s) if s.code() == Some(&SqlState::IN_FAILED_SQL_TRANSACTION));
     let i = errors.iter().position(|e| !aborted(e)).unwrap_or(0);
     errors.swap_remove(i)
 }
