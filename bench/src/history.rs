@@ -286,42 +286,50 @@ pub async fn run(pg: &Pg, size: &Size) -> anyhow::Result<String> {
          branch; not measured.\n"
     )?;
 
-    // Dropping the oldest day's partition.
+    // Dropping a whole day's partition: the partitions before the data and the first (partial)
+    // day go first, then the first full day is timed.
     let days = store.partitions().await?;
-    let oldest = *days
-        .first()
-        .ok_or_else(|| anyhow::anyhow!("no partition"))?;
+    let first_data = start.date_naive();
+    let full_day = first_data + chrono::Duration::days(1);
+    anyhow::ensure!(days.contains(&full_day), "no partition for {full_day}");
+    let midnight = |d: NaiveDate| {
+        chrono::TimeZone::from_utc_datetime(&Utc, &d.and_hms_opt(0, 0, 0).expect("midnight"))
+    };
+    let far = |c: DateTime<Utc>| {
+        (
+            c - chrono::Duration::days(3650),
+            c - chrono::Duration::days(3650),
+        )
+    };
+    let (h, d) = far(midnight(full_day));
+    let t = Instant::now();
+    let before = store.purge_history(midnight(full_day), h, d).await?;
+    let partial = t.elapsed();
     let rows_in: i64 = db
         .query_one(
             &format!(
                 "SELECT count(*) FROM {}",
-                vigil_collector::store::partition_name(oldest)
+                vigil_collector::store::partition_name(full_day)
             ),
             &[],
         )
         .await?
         .get(0);
-    let cutoff = chrono::TimeZone::from_utc_datetime(
-        &Utc,
-        &(oldest + chrono::Duration::days(1))
-            .and_hms_opt(0, 0, 0)
-            .expect("midnight"),
-    );
+    let (h, d) = far(midnight(full_day + chrono::Duration::days(1)));
     let t = Instant::now();
     let purged = store
-        .purge_history(
-            cutoff,
-            cutoff - chrono::Duration::days(365),
-            cutoff - chrono::Duration::days(3650),
-        )
+        .purge_history(midnight(full_day + chrono::Duration::days(1)), h, d)
         .await?;
     let dropped = t.elapsed();
-    anyhow::ensure!(purged.partitions == vec![oldest], "{purged:?}");
+    anyhow::ensure!(purged.partitions == vec![full_day], "{purged:?}");
     writeln!(
         out,
-        "- dropping the oldest day's partition ({oldest}, {rows_in} rows) through \
-         `Store::purge_history`: **{:.0} ms**\n",
-        ms(dropped)
+        "- dropping a whole day's partition ({full_day}, {rows_in} rows) through \
+         `Store::purge_history`: **{:.0} ms** (before it: {} partitions up to the first, \
+         partial day of data in {:.0} ms)\n",
+        ms(dropped),
+        before.partitions.len(),
+        ms(partial)
     )?;
     drop(db);
     drop(store);

@@ -46,6 +46,12 @@ CREATE TABLE rollup_daily (
     PRIMARY KEY (service_id, day)
 );
 
+-- Rows longer than 128 bytes are compressed and their JSONB moved out of line (TOAST): the
+-- counts that the service list sums stay a narrow row (~1.9 KB otherwise, most of it
+-- histograms that only ingest reads).
+ALTER TABLE rollup_hourly SET (toast_tuple_target = 128);
+ALTER TABLE rollup_daily SET (toast_tuple_target = 128);
+
 -- Up to which hour the worker has written the time in each state ('states').
 CREATE TABLE rollup_progress (
     key   TEXT PRIMARY KEY,

@@ -339,7 +339,8 @@ async fn the_service_list_reads_no_raw_results() -> anyhow::Result<()> {
                 .await?
                 .get(0);
             let text = plan.to_string();
-            assert_eq!(text.contains("rollup_hourly"), with_24h, "{text}");
+            // Without the figures PostgreSQL may still name the roll-ups under a false filter.
+            assert!(!with_24h || text.contains("rollup_hourly"), "{text}");
             assert!(!text.contains("check_results"), "{text}");
         }
     }

@@ -149,7 +149,7 @@ impl Store {
             let mut client = self.pool.get().await?;
             let tx = client.transaction().await?;
             tx.batch_execute(&format!(
-                "SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'; DROP TABLE {}",
+                "SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'; DROP TABLE IF EXISTS {}",
                 partition_name(day)
             ))
             .await?;

@@ -469,12 +469,13 @@ impl Store {
                              ELSE st.last_error END
                  FROM services s
                  LEFT JOIN service_state st ON st.service_id = s.id
-                 LEFT JOIN LATERAL (
-                    SELECT sum(r.checks)::int8 AS total, sum(r.failures)::int8 AS failed
+                 LEFT JOIN (
+                    SELECT r.service_id, sum(r.checks)::int8 AS total,
+                           sum(r.failures)::int8 AS failed
                     FROM rollup_hourly r
-                    WHERE r.service_id = s.id
-                      AND r.hour >= date_trunc('hour', now(), 'UTC') - interval '23 hours'
-                 ) c ON true
+                    WHERE r.hour >= date_trunc('hour', now(), 'UTC') - interval '23 hours'
+                    GROUP BY r.service_id
+                 ) c ON c.service_id = s.id
                  WHERE s.active
                  ORDER BY s.node, s.id",
                 &[],

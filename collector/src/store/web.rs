@@ -226,12 +226,13 @@ pub const HEALTH_SQL: &str = "SELECT s.id, s.name, s.node, s.category, s.descrip
                  LEFT JOIN service_state st ON st.service_id = s.id
                  LEFT JOIN nodes n ON n.name = s.node
                  LEFT JOIN maintenance_windows mw ON mw.id = st.maintenance_id
-                 LEFT JOIN LATERAL (
-                    SELECT sum(r.checks)::int8 AS total, sum(r.failures)::int8 AS failed
+                 LEFT JOIN (
+                    SELECT r.service_id, sum(r.checks)::int8 AS total,
+                           sum(r.failures)::int8 AS failed
                     FROM rollup_hourly r
-                    WHERE $2 AND r.service_id = s.id
-                      AND r.hour >= date_trunc('hour', now(), 'UTC') - interval '23 hours'
-                 ) c ON true
+                    WHERE $2 AND r.hour >= date_trunc('hour', now(), 'UTC') - interval '23 hours' AND ($1::text IS NULL OR r.service_id = $1)
+                    GROUP BY r.service_id
+                 ) c ON c.service_id = s.id
                  WHERE s.active AND ($1::text IS NULL OR s.id = $1)
                  ORDER BY s.node, s.id";
 
