@@ -50,9 +50,9 @@ fn service(i: usize) -> String {
 /// down for 10 minutes each day (so that timelines and roll-ups have failures).
 fn sample(svc: usize, t: i64, ticks_per_day: i64) -> (u32, i16) {
     let x = (svc as u64).wrapping_mul(2_654_435_761) ^ (t as u64).wrapping_mul(40_503);
-    let ms = 5 + (x % 200) as u32 + if x % 97 == 0 { 900 } else { 0 };
+    let ms = 5 + (x % 200) as u32 + if x.is_multiple_of(97) { 900 } else { 0 };
     let in_day = t.rem_euclid(ticks_per_day);
-    let down = svc % 50 == 0 && in_day >= 100 && in_day < 120;
+    let down = svc.is_multiple_of(50) && (100..120).contains(&in_day);
     (ms, if down { 2 } else { 0 })
 }
 
@@ -254,6 +254,23 @@ pub async fn run(pg: &Pg, size: &Size) -> anyhow::Result<String> {
         "| service list / `/api/services/health` (`Store::health`, {} services, 24 h figures) | {p50:.1} | **{p99:.1}** |",
         size.services
     )?;
+    let plan = db
+        .query(
+            &format!(
+                "EXPLAIN (ANALYZE, BUFFERS) {}",
+                vigil_collector::store::HEALTH_SQL
+            ),
+            &[&None::<&str>, &true],
+        )
+        .await?;
+    let plan: Vec<String> = plan.iter().map(|r| r.get(0)).collect();
+    eprintln!("service list plan:\n{}", plan.join("\n"));
+    if let Some(t) = plan.iter().find(|l| l.starts_with("Execution Time")) {
+        writeln!(
+            out,
+            "\nThe service list's query alone (EXPLAIN ANALYZE): {t}.\n"
+        )?;
+    }
     let mut times = Vec::new();
     for i in 0..n {
         let id = service((i * 50) % size.services);

@@ -2,7 +2,7 @@
 -- the results (collector/src/rollup.rs does the arithmetic), kept far longer than raw results.
 -- They replace daily_stats (V3).
 --
--- agg is the mergeable form (counts, sums, min/max and log-bucket histograms of the response
+-- agg (in rollup_hourly_detail for hours) is the mergeable form (counts, sums, min/max and log-bucket histograms of the response
 -- time and of each numeric perfdata label); the columns beside it are what reads need. The
 -- time-in-state columns are written by the roll-up worker from state, stale and mode events
 -- once the hour is over (and added to the day).
@@ -16,13 +16,20 @@ CREATE TABLE rollup_hourly (
     avg_ms      DOUBLE PRECISION,
     p95_ms      DOUBLE PRECISION,
     max_ms      DOUBLE PRECISION,
-    metrics     JSONB NOT NULL DEFAULT '{}',
-    agg         JSONB NOT NULL DEFAULT '{}',
     up_ms       BIGINT NOT NULL DEFAULT 0,
     down_ms     BIGINT NOT NULL DEFAULT 0,
     stale_ms    BIGINT NOT NULL DEFAULT 0,
     paused_ms   BIGINT NOT NULL DEFAULT 0,
     unknown_ms  BIGINT NOT NULL DEFAULT 0,
+    PRIMARY KEY (service_id, hour)
+);
+-- The wide part of an hour (perfdata summaries, histograms: 1–2 KB), apart so that the
+-- service list's 24-hour sums read ~100-byte rows.
+CREATE TABLE rollup_hourly_detail (
+    service_id  TEXT NOT NULL,
+    hour        TIMESTAMPTZ NOT NULL,
+    metrics     JSONB NOT NULL DEFAULT '{}',
+    agg         JSONB NOT NULL DEFAULT '{}',
     PRIMARY KEY (service_id, hour)
 );
 CREATE INDEX rollup_hourly_hour ON rollup_hourly (hour);
@@ -45,12 +52,7 @@ CREATE TABLE rollup_daily (
     unknown_ms  BIGINT NOT NULL DEFAULT 0,
     PRIMARY KEY (service_id, day)
 );
-
--- Rows longer than 128 bytes are compressed and their JSONB moved out of line (TOAST): the
--- counts that the service list sums stay a narrow row (~1.9 KB otherwise, most of it
--- histograms that only ingest reads).
-ALTER TABLE rollup_hourly SET (toast_tuple_target = 128);
-ALTER TABLE rollup_daily SET (toast_tuple_target = 128);
+CREATE INDEX rollup_daily_day ON rollup_daily (day);
 
 -- Up to which hour the worker has written the time in each state ('states').
 CREATE TABLE rollup_progress (
@@ -71,8 +73,12 @@ SELECT service_id, date_trunc('hour', started_at, 'UTC') AS hour,
        min(duration_ms)::float8 AS lo, max(duration_ms)::float8 AS hi, sum(duration_ms)::float8 AS s
 FROM check_results GROUP BY 1, 2, 3;
 
-INSERT INTO rollup_hourly (service_id, hour, checks, failures, min_ms, avg_ms, max_ms, agg)
-SELECT service_id, hour, sum(n), sum(failed), min(lo), sum(s) / sum(n), max(hi),
+INSERT INTO rollup_hourly (service_id, hour, checks, failures, min_ms, avg_ms, max_ms)
+SELECT service_id, hour, sum(n), sum(failed), min(lo), sum(s) / sum(n), max(hi)
+FROM rollup_seed GROUP BY 1, 2;
+
+INSERT INTO rollup_hourly_detail (service_id, hour, agg)
+SELECT service_id, hour,
        jsonb_build_object('checks', sum(n), 'failures', sum(failed),
            'response', jsonb_build_object('n', sum(n), 'min', min(lo), 'max', max(hi),
                                           'sum', sum(s), 'hist', jsonb_object_agg(b::text, n)),

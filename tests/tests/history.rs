@@ -429,10 +429,10 @@ async fn check_case(
         ("rollup_hourly", "date_trunc('hour', started_at, 'UTC')"),
         ("rollup_daily", "(started_at AT TIME ZONE 'UTC')::date"),
     ] {
-        let key = if table == "rollup_hourly" {
-            "hour"
+        let (key, detail) = if table == "rollup_hourly" {
+            ("hour", "rollup_hourly_detail")
         } else {
-            "day"
+            ("day", "rollup_daily")
         };
         let raw = client
             .query(
@@ -492,7 +492,7 @@ async fn check_case(
                     "SELECT service_id, {key}::text, l.key, (l.value->>'n')::int8,
                             (l.value->>'min')::float8, (l.value->>'avg')::float8,
                             (l.value->>'max')::float8, (l.value->>'p95')::float8
-                     FROM {table}, jsonb_each(metrics) AS l
+                     FROM {detail}, jsonb_each(metrics) AS l
                      WHERE service_id LIKE $1 ORDER BY 1, 2, 3"
                 ),
                 &[&prefix],

@@ -164,6 +164,14 @@ impl Store {
                 &[&raw_cutoff],
             )
             .await?;
+        // The wide rows first, found through the narrow table's hour index.
+        client
+            .execute(
+                "DELETE FROM rollup_hourly_detail d USING rollup_hourly h
+                 WHERE h.hour < $1 AND d.service_id = h.service_id AND d.hour = h.hour",
+                &[&hourly_cutoff],
+            )
+            .await?;
         purged.hourly = client
             .execute(
                 "DELETE FROM rollup_hourly WHERE hour < $1",
@@ -258,7 +266,7 @@ pub(super) async fn merge_rollups(
     let d_at: Vec<NaiveDate> = days.keys().map(|k| k.1).collect();
     let read_h = tx
         .prepare_cached(
-            "SELECT r.service_id, r.hour, r.agg FROM rollup_hourly r
+            "SELECT r.service_id, r.hour, r.agg FROM rollup_hourly_detail r
              JOIN UNNEST($1::text[], $2::timestamptz[]) AS k(service_id, hour)
                ON r.service_id = k.service_id AND r.hour = k.hour",
         )
@@ -292,9 +300,8 @@ pub(super) async fn merge_rollups(
             *add = p;
         }
     }
-    let up_h = tx
-        .prepare_cached(&upsert_sql("rollup_hourly", "hour", "timestamptz"))
-        .await?;
+    let up_h = tx.prepare_cached(HOURLY_UPSERT).await?;
+    let up_hd = tx.prepare_cached(HOURLY_DETAIL_UPSERT).await?;
     let up_d = tx
         .prepare_cached(&upsert_sql("rollup_daily", "day", "date"))
         .await?;
@@ -305,10 +312,29 @@ pub(super) async fn merge_rollups(
     days.sort_unstable_by_key(|(k, _)| *k);
     let h = columns(hours.iter().map(|((id, at), p)| (*id, *at, row_of(p))));
     let d = columns(days.iter().map(|((id, at), p)| (*id, *at, row_of(p))));
-    let (hp, dp) = (h.params(), d.params());
-    tokio::try_join!(tx.execute(&up_h, &hp), tx.execute(&up_d, &dp))?;
+    let (hp, hdp, dp) = (h.figures(), h.detail(), d.params());
+    tokio::try_join!(
+        tx.execute(&up_h, &hp),
+        tx.execute(&up_hd, &hdp),
+        tx.execute(&up_d, &dp)
+    )?;
     Ok(())
 }
+
+/// The upsert of an hour's figures (the narrow `rollup_hourly`).
+const HOURLY_UPSERT: &str = "INSERT INTO rollup_hourly (service_id, hour, checks, failures,
+                                                       min_ms, avg_ms, p95_ms, max_ms)
+     SELECT * FROM UNNEST($1::text[], $2::timestamptz[], $3::int8[], $4::int8[], $5::float8[],
+                          $6::float8[], $7::float8[], $8::float8[])
+     ON CONFLICT (service_id, hour) DO UPDATE SET checks = EXCLUDED.checks,
+       failures = EXCLUDED.failures, min_ms = EXCLUDED.min_ms, avg_ms = EXCLUDED.avg_ms,
+       p95_ms = EXCLUDED.p95_ms, max_ms = EXCLUDED.max_ms";
+
+/// The upsert of an hour's wide part (`rollup_hourly_detail`).
+const HOURLY_DETAIL_UPSERT: &str =
+    "INSERT INTO rollup_hourly_detail (service_id, hour, metrics, agg)
+     SELECT * FROM UNNEST($1::text[], $2::timestamptz[], $3::jsonb[], $4::jsonb[])
+     ON CONFLICT (service_id, hour) DO UPDATE SET metrics = EXCLUDED.metrics, agg = EXCLUDED.agg";
 
 /// The upsert of whole roll-up rows into `table` keyed by (service_id, `key`).
 fn upsert_sql(table: &str, key: &str, key_type: &str) -> String {
@@ -368,6 +394,25 @@ fn columns<'a, K>(rows: impl Iterator<Item = (&'a str, K, Row)>) -> Columns<'a, 
 }
 
 impl<K: ToSql + Sync> Columns<'_, K> {
+    /// Parameters of [`HOURLY_UPSERT`].
+    fn figures(&self) -> [&(dyn ToSql + Sync); 8] {
+        [
+            &self.ids,
+            &self.keys,
+            &self.checks,
+            &self.failures,
+            &self.min,
+            &self.avg,
+            &self.p95,
+            &self.max,
+        ]
+    }
+
+    /// Parameters of [`HOURLY_DETAIL_UPSERT`].
+    fn detail(&self) -> [&(dyn ToSql + Sync); 4] {
+        [&self.ids, &self.keys, &self.metrics, &self.agg]
+    }
+
     fn params(&self) -> [&(dyn ToSql + Sync); 10] {
         [
             &self.ids,
@@ -460,8 +505,13 @@ impl Store {
         let rows = client
             .query(
                 &format!(
-                    "SELECT hour, {ROLLUP_COLUMNS} FROM rollup_hourly
-                     WHERE service_id = $1 AND hour >= $2 ORDER BY hour DESC"
+                    "SELECT h.hour, checks, failures, min_ms, avg_ms, p95_ms, max_ms,
+                            COALESCE(d.metrics, '{{}}'), up_ms, down_ms, stale_ms, paused_ms,
+                            unknown_ms
+                     FROM rollup_hourly h
+                     LEFT JOIN rollup_hourly_detail d
+                       ON d.service_id = h.service_id AND d.hour = h.hour
+                     WHERE h.service_id = $1 AND h.hour >= $2 ORDER BY h.hour DESC"
                 ),
                 &[&service_id, &hour_of(from)],
             )
@@ -637,10 +687,9 @@ impl Store {
                 .map(|(id, at, p)| (id.as_str(), *at, row_of(p))),
         );
         if !hourly.is_empty() {
-            let hp = h.params();
-            client
-                .execute(&upsert_sql("rollup_hourly", "hour", "timestamptz"), &hp)
-                .await?;
+            let (hp, hdp) = (h.figures(), h.detail());
+            client.execute(HOURLY_UPSERT, &hp).await?;
+            client.execute(HOURLY_DETAIL_UPSERT, &hdp).await?;
         }
         if !daily.is_empty() {
             let dp = d.params();
