@@ -266,20 +266,25 @@ pub(super) async fn merge_rollups(
     let d_at: Vec<NaiveDate> = days.keys().map(|k| k.1).collect();
     let read_h = tx
         .prepare_cached(
-            "SELECT r.service_id, r.hour, r.agg FROM rollup_hourly_detail r
-             JOIN UNNEST($1::text[], $2::timestamptz[]) AS k(service_id, hour)
-               ON r.service_id = k.service_id AND r.hour = k.hour",
+            "SELECT k.service_id, k.hour, r.agg
+             FROM UNNEST($1::text[], $2::timestamptz[]) AS k(service_id, hour)
+             JOIN LATERAL (SELECT agg FROM rollup_hourly_detail d
+                           WHERE d.service_id = k.service_id AND d.hour = k.hour LIMIT 1) r
+               ON true",
         )
         .await?;
     let read_d = tx
         .prepare_cached(
-            "SELECT r.service_id, r.day, r.agg FROM rollup_daily r
-             JOIN UNNEST($1::text[], $2::date[]) AS k(service_id, day)
-               ON r.service_id = k.service_id AND r.day = k.day",
+            "SELECT k.service_id, k.day, r.agg
+             FROM UNNEST($1::text[], $2::date[]) AS k(service_id, day)
+             JOIN LATERAL (SELECT agg FROM rollup_daily d
+                           WHERE d.service_id = k.service_id AND d.day = k.day LIMIT 1) r
+               ON true",
         )
         .await?;
     let hp: [&(dyn ToSql + Sync); 2] = [&h_ids, &h_at];
     let dp: [&(dyn ToSql + Sync); 2] = [&d_ids, &d_at];
+    // One index probe per key (LATERAL … LIMIT 1): a join could scan the whole table.
     let (old_h, old_d) = tokio::try_join!(tx.query(&read_h, &hp), tx.query(&read_d, &dp))?;
     for row in old_h {
         let id: &str = row.get(0);
@@ -504,15 +509,13 @@ impl Store {
         let client = self.pool.get().await?;
         let rows = client
             .query(
-                &format!(
-                    "SELECT h.hour, checks, failures, min_ms, avg_ms, p95_ms, max_ms,
-                            COALESCE(d.metrics, '{{}}'), up_ms, down_ms, stale_ms, paused_ms,
+                "SELECT h.hour, checks, failures, min_ms, avg_ms, p95_ms, max_ms,
+                            COALESCE(d.metrics, '{}'), up_ms, down_ms, stale_ms, paused_ms,
                             unknown_ms
                      FROM rollup_hourly h
                      LEFT JOIN rollup_hourly_detail d
                        ON d.service_id = h.service_id AND d.hour = h.hour
-                     WHERE h.service_id = $1 AND h.hour >= $2 ORDER BY h.hour DESC"
-                ),
+                     WHERE h.service_id = $1 AND h.hour >= $2 ORDER BY h.hour DESC",
                 &[&service_id, &hour_of(from)],
             )
             .await?;
