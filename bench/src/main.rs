@@ -7,6 +7,7 @@
 mod backlog;
 mod copy;
 mod env;
+mod history;
 mod sim;
 mod stale;
 
@@ -51,6 +52,10 @@ use sim::{AgentSim, Arrived, Behaviour, Control, Shared};
 ///            runs --checks (10) such checks every second for --duration (20 s) (fill); then the
 ///            collector starts and the agent drains its outbox (drain). Agent RSS (VmRSS) during
 ///            fill and drain, drain rate.
+///   history  --history-services (1000) services × --days (7) of results every 30 s COPYed
+///            into the real partitioned schema with their roll-ups (--copy-streams, at least
+///            2): index write cost before/after, the service list and a service page timed
+///            through the store (--requests, 200), dropping a day's partition, bytes a result.
 ///   all      every scenario with its defaults (options given apply to all).
 ///
 /// Build: CARGO_TARGET_DIR=target/bench cargo build --release -p vigil-bench -p vigil-collector
@@ -105,6 +110,15 @@ struct Cli {
     /// Stale scenario: nodes the services are spread over.
     #[arg(long, default_value_t = 100)]
     nodes: usize,
+    /// History scenario: services.
+    #[arg(long, default_value_t = 1000)]
+    history_services: usize,
+    /// History scenario: days of results.
+    #[arg(long, default_value_t = 7.0)]
+    days: f64,
+    /// History scenario: timed requests per read.
+    #[arg(long, default_value_t = 200)]
+    requests: usize,
     /// RUST_LOG for the collector subprocess.
     #[arg(long, default_value = "warn")]
     collector_log: String,
@@ -121,6 +135,7 @@ enum Scenario {
     Agent,
     Stale,
     Backlog,
+    History,
     All,
 }
 
@@ -161,6 +176,7 @@ async fn run(cli: Cli, nofile: u64) -> anyhow::Result<()> {
         (Scenario::Agent, 3),
         (Scenario::Stale, 4),
         (Scenario::Backlog, 5),
+        (Scenario::History, 6),
     ] {
         if !all && cli.scenario != s {
             continue;
@@ -171,7 +187,17 @@ async fn run(cli: Cli, nofile: u64) -> anyhow::Result<()> {
             2 => streams(&cli, &pg).await,
             3 => agent(&cli, &pg).await,
             4 => stale::stale(&pg, cli.services, cli.nodes).await,
-            _ => backlog::run(&cli, &pg).await,
+            5 => backlog::run(&cli, &pg).await,
+            _ => {
+                let size = history::Size {
+                    services: cli.history_services,
+                    days: cli.days,
+                    interval_s: 30,
+                    streams: cli.copy_streams.max(2),
+                    requests: cli.requests,
+                };
+                history::run(&pg, &size).await
+            }
         };
         match section {
             Ok(text) => {

@@ -319,6 +319,71 @@ pub struct CollectorFile {
     /// was received; a node whose clock is off by more is flagged.
     #[serde(default = "default_max_clock_skew", with = "humantime_serde")]
     pub max_clock_skew: Duration,
+    /// How long history is kept: raw results, hourly and daily roll-ups.
+    #[serde(default)]
+    pub retention: Retention,
+}
+
+/// `retention:` in collector.yaml. Raw results are dropped a whole day partition at a time, so
+/// up to a day more than `raw` is kept; roll-ups are deleted by the hour and the day.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Retention {
+    /// Raw results (each check result as stored).
+    #[serde(default = "d_retention_raw", with = "humantime_serde")]
+    pub raw: Duration,
+    /// Hourly roll-ups per service.
+    #[serde(default = "d_retention_hourly", with = "humantime_serde")]
+    pub hourly: Duration,
+    /// Daily roll-ups per service.
+    #[serde(default = "d_retention_daily", with = "humantime_serde")]
+    pub daily: Duration,
+}
+
+const DAY: Duration = Duration::from_secs(86_400);
+
+fn d_retention_raw() -> Duration {
+    14 * DAY
+}
+fn d_retention_hourly() -> Duration {
+    90 * DAY
+}
+fn d_retention_daily() -> Duration {
+    730 * DAY
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Retention {
+            raw: d_retention_raw(),
+            hourly: d_retention_hourly(),
+            daily: d_retention_daily(),
+        }
+    }
+}
+
+impl Retention {
+    /// The first setting that is out of range: (key under `retention`, why).
+    pub fn invalid(&self) -> Option<(&'static str, String)> {
+        // The 24-hour figures read hourly roll-ups, the daily table reads daily ones.
+        let limit = 100 * 365 * DAY;
+        for (key, v, min) in [
+            ("raw", self.raw, DAY),
+            ("hourly", self.hourly, 2 * DAY),
+            ("daily", self.daily, 2 * DAY),
+        ] {
+            if v < min {
+                return Some((
+                    key,
+                    format!("must be at least {}", humantime::format_duration(min)),
+                ));
+            }
+            if v > limit {
+                return Some((key, "must be at most 100 years".into()));
+            }
+        }
+        None
+    }
 }
 
 /// The largest `max_clock_skew` accepted.
@@ -780,6 +845,8 @@ pub struct Config {
     pub max_clock_skew: Duration,
     /// Every file a secret is read from (config key, resolved path): for `doctor`'s mode check.
     pub secret_files: Vec<(String, PathBuf)>,
+    /// How long raw results and roll-ups are kept (`retention`).
+    pub retention: Retention,
     /// Each node's services and their thresholds, built once at load (ingest reads it per batch).
     thresholds_by_node: HashMap<String, std::sync::Arc<HashMap<String, Thresholds>>>,
     /// Position of each service in `services` by id (ingest looks a service up per result).
@@ -943,6 +1010,17 @@ impl Config {
                 "max_clock_skew",
                 "must be between 1s and 1day",
             ));
+        }
+        if let Some((key, reason)) = file.retention.invalid() {
+            let keys = ["retention".to_string(), key.to_string()];
+            return Err(ConfigError::Parse {
+                path: path.to_path_buf(),
+                location: locate(&text, &keys)
+                    .map(|(l, c)| format!(":{l}:{c}"))
+                    .unwrap_or_default(),
+                key: format!("retention.{key}: "),
+                message: reason,
+            });
         }
         let mut file = file;
         let mut secret_files: Vec<(String, PathBuf)> = file
@@ -1140,6 +1218,7 @@ impl Config {
             node_timeout: file.node_timeout,
             max_clock_skew: file.max_clock_skew,
             secret_files,
+            retention: file.retention,
             backlog_alert: file.backlog_alert,
             path: path.to_path_buf(),
             grpc_listen: file.grpc_listen,
@@ -1416,6 +1495,45 @@ defaults:
             "{e}"
         );
         assert!(!e.contains("pw@"), "{e}");
+    }
+
+    #[test]
+    fn retention_defaults_and_errors_name_file_line_and_key() {
+        let (_dir, path) = setup(&[("db.yaml", TCP)]);
+        let cfg = load(&path).unwrap();
+        assert_eq!(cfg.retention, Retention::default());
+        assert_eq!(cfg.retention.raw, Duration::from_secs(14 * 86_400));
+        let with = |extra: &str| {
+            std::fs::write(&path, format!("{COLLECTOR}{extra}")).unwrap();
+            load(&path)
+        };
+        let cfg = with("retention:\n  raw: 3d\n  daily: 1y\n").unwrap();
+        assert_eq!(cfg.retention.raw, Duration::from_secs(3 * 86_400));
+        assert_eq!(cfg.retention.hourly, Duration::from_secs(90 * 86_400));
+        let line = COLLECTOR.lines().count() + 2;
+        let err = with("retention:\n  raw: 3d\n  hourly: 1h\n")
+            .unwrap_err()
+            .to_string();
+        let want = format!(
+            "{}:{}:3: retention.hourly: must be at least 2days",
+            path.display(),
+            line + 1
+        );
+        assert_eq!(err, want);
+        let err = with("retention:\n  raw: 12h\n").unwrap_err().to_string();
+        let want = format!(
+            "{}:{line}:3: retention.raw: must be at least 1day",
+            path.display()
+        );
+        assert_eq!(err, want);
+        let err = with("retention:\n  raw: soon\n").unwrap_err().to_string();
+        assert!(
+            err.starts_with(&format!("{}:{line}:", path.display())),
+            "{err}"
+        );
+        assert!(err.contains("retention.raw"), "{err}");
+        let err = with("retention:\n  rwa: 3d\n").unwrap_err().to_string();
+        assert!(err.contains("unknown field `rwa`"), "{err}");
     }
 
     #[test]

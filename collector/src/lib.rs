@@ -8,12 +8,14 @@ pub mod ca;
 pub mod config;
 pub mod doctor;
 pub mod grpc;
+pub mod history;
 pub mod liveness;
 pub mod maintenance;
 pub mod metrics;
 pub mod notify;
 pub mod remediation;
 pub mod report;
+pub mod rollup;
 pub mod secret;
 pub mod ssh;
 pub mod state;
@@ -163,7 +165,7 @@ impl Collector {
             }
             None => None,
         };
-        web::start_background(hub.clone());
+        history::start(hub.clone());
         Ok(Collector {
             http_addr,
             metrics_addr,

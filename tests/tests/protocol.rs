@@ -204,19 +204,27 @@ async fn rows_stored_without_outbox_progress_are_not_stored_twice() -> anyhow::R
     let (db, ws, collector) = setup().await?;
     let client = db.connect().await?;
     // Seqs 3 and 7 of this outbox stored the way a collector of an older version stored them:
-    // in check_results, with no outbox_progress row. The batch (large enough to be written with
-    // COPY) meets the unique key, is rolled back, and is stored result by result.
+    // in check_results (the same results: the same times), with no outbox_progress row. The
+    // batch (large enough to be written with COPY) meets the unique key, is rolled back, and is
+    // stored result by result.
     let n = vigil_collector::store::COPY_FROM as u64 + 8;
-    client
-        .execute(
-            "INSERT INTO check_results (node, outbox_epoch, seq, service_id, started_at, duration_ms,
-                                        status, message)
-             SELECT 'n1', $1, s, 'svc', now(), 1, 2, 'stored before' FROM unnest(ARRAY[3, 7]::int8[]) s",
-            &[&(EPOCH as i64)],
-        )
-        .await?;
+    let first = batch(1..=n, v1::Status::Critical);
+    let Some(In::Results(b)) = &first.msg else {
+        unreachable!("a result batch")
+    };
+    for r in b.results.iter().filter(|r| r.seq == 3 || r.seq == 7) {
+        let at = chrono::DateTime::from_timestamp_millis(r.started_at_ms).expect("a time");
+        client
+            .execute(
+                "INSERT INTO check_results (node, outbox_epoch, seq, service_id, started_at,
+                                            duration_ms, status, message)
+                 VALUES ('n1', $1, $2, 'svc', $3, 1, 2, 'stored before')",
+                &[&(EPOCH as i64), &(r.seq as i64), &at],
+            )
+            .await?;
+    }
     let ch = channel(&ws, &collector, Some("n1")).await?;
-    let acks = send_and_acks(ch.clone(), vec![batch(1..=n, v1::Status::Critical)], n).await?;
+    let acks = send_and_acks(ch.clone(), vec![first], n).await?;
     assert_eq!(acks, vec![n]);
     // A later batch overlapping the stored seqs (5 again, 2 new) is filtered by the outbox's
     // stored seq.

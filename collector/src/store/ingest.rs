@@ -134,8 +134,7 @@ impl Store {
             {
                 Err(StoreError::Sql(e))
                     if e.code() == Some(&SqlState::UNIQUE_VIOLATION)
-                        && e.as_db_error().and_then(|d| d.constraint())
-                            == Some(super::RESULT_KEY) =>
+                        && super::is_result_key(e.as_db_error().and_then(|d| d.constraint())) =>
                 {
                     tracing::warn!(
                         %node, epoch,
@@ -432,7 +431,7 @@ async fn insert_results<'r>(
             "INSERT INTO check_results ({RESULT_COLUMNS})
              SELECT $1, $2, * FROM UNNEST($3::int8[], $4::text[], $5::timestamptz[],
                  $6::int4[], $7::int2[], $8::text[], $9::jsonb[], $10::text[], $11::int8[])
-             ON CONFLICT (node, outbox_epoch, seq) DO NOTHING
+             ON CONFLICT (node, outbox_epoch, seq, started_at) DO NOTHING
              RETURNING seq"
         ))
         .await?;
@@ -703,8 +702,13 @@ async fn advance_states(
         e_to.push(to);
         e_reason.push(reason);
     }
+    let rollups = super::history::merge_rollups(tx, new);
     if e_id.is_empty() {
-        tx.execute(&update, &update_params).await?;
+        if let (a, b) = tokio::join!(tx.execute(&update, &update_params), rollups)
+            && (a.is_err() || b.is_err())
+        {
+            return Err(root_cause([a.err().map(StoreError::from), b.err()]));
+        }
     } else {
         let events = tx
             .prepare_cached(
@@ -717,14 +721,16 @@ async fn advance_states(
             .await?;
         let event_params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] =
             [&e_id, &e_kind, &e_from, &e_to, &e_reason];
-        if let (a, b) = tokio::join!(
+        if let (a, b, c) = tokio::join!(
             tx.execute(&update, &update_params),
             tx.execute(&events, &event_params),
-        ) && (a.is_err() || b.is_err())
+            rollups,
+        ) && (a.is_err() || b.is_err() || c.is_err())
         {
             return Err(root_cause([
                 a.err().map(StoreError::from),
                 b.err().map(StoreError::from),
+                c.err(),
             ]));
         }
     }

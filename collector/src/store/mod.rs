@@ -19,6 +19,8 @@ mod liveness;
 pub use liveness::*;
 mod web;
 pub use web::*;
+mod history;
+pub use history::*;
 mod maintenance;
 pub use maintenance::*;
 mod alerts;
@@ -65,8 +67,18 @@ pub fn sql_text(e: &tokio_postgres::Error) -> String {
     }
 }
 
-/// The name of the idempotency key of `check_results`.
-pub const RESULT_KEY: &str = "check_results_node_outbox_epoch_seq_key";
+/// The name of the idempotency key of `check_results` (V11: it includes the partition key).
+pub const RESULT_KEY: &str = "check_results_key";
+
+/// Whether a constraint named in an error is the idempotency key of `check_results`: PostgreSQL
+/// names the index of the partition that refused the row (`check_results_p20261201_node_…`).
+pub fn is_result_key(constraint: Option<&str>) -> bool {
+    constraint.is_some_and(|c| {
+        c == RESULT_KEY
+            || (c.starts_with("check_results_")
+                && c.ends_with("_node_outbox_epoch_seq_started_at_key"))
+    })
+}
 
 impl StoreError {
     /// Whether PostgreSQL refused the data itself, so that sending it again can never succeed:
@@ -84,7 +96,7 @@ impl StoreError {
         if code.starts_with("22") || code == "54000" {
             return true;
         }
-        code.starts_with("23") && !(code == "23505" && db.constraint() == Some(RESULT_KEY))
+        code.starts_with("23") && !(code == "23505" && is_result_key(db.constraint()))
     }
 }
 
@@ -305,6 +317,25 @@ impl Store {
         })
     }
 
+    /// Runs the embedded migrations up to `version` only (tests of a migration on a database
+    /// holding data of an older version); [`Store::connect`] runs the rest.
+    pub async fn migrate_to(url: &str, version: i32) -> Result<(), StoreError> {
+        let (mut client, conn) = tokio_postgres::connect(url, NoTls)
+            .await
+            .map_err(|source| StoreError::Connect {
+                target: "the test database".into(),
+                source,
+            })?;
+        let conn_task = tokio::spawn(conn);
+        embedded::migrations::runner()
+            .set_target(refinery::Target::Version(version))
+            .run_async(&mut client)
+            .await?;
+        drop(client);
+        let _ = conn_task.await;
+        Ok(())
+    }
+
     /// The database's identity: agents key their command journal by it and the command id.
     pub fn uid(&self) -> &str {
         &self.uid
@@ -436,11 +467,13 @@ impl Store {
                              ELSE st.last_error END
                  FROM services s
                  LEFT JOIN service_state st ON st.service_id = s.id
-                 LEFT JOIN LATERAL (
-                    SELECT count(*) AS total, count(*) FILTER (WHERE r.status >= 2) AS failed
-                    FROM check_results r
-                    WHERE r.service_id = s.id AND r.started_at > now() - interval '24 hours'
-                 ) c ON true
+                 LEFT JOIN (
+                    SELECT r.service_id, sum(r.checks)::int8 AS total,
+                           sum(r.failures)::int8 AS failed
+                    FROM rollup_hourly r
+                    WHERE r.hour >= date_trunc('hour', now(), 'UTC') - interval '23 hours'
+                    GROUP BY r.service_id
+                 ) c ON c.service_id = s.id
                  WHERE s.active
                  ORDER BY s.node, s.id",
                 &[],

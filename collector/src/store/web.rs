@@ -1,7 +1,7 @@
-//! Queries behind the REST API and the dashboard: service health with 24-hour figures, results,
-//! events, nodes, daily roll-ups, runtime settings, API tokens and dashboard sessions.
+//! Queries behind the REST API and the dashboard: service health with 24-hour figures (from the
+//! hourly roll-ups), results, events, nodes, runtime settings, API tokens and dashboard sessions.
 
-use chrono::{DateTime, NaiveDate, Utc};
+use chrono::{DateTime, Utc};
 use serde::Serialize;
 use utoipa::ToSchema;
 
@@ -158,16 +158,6 @@ pub struct NodeRow {
     pub clock_checked_at: Option<DateTime<Utc>>,
 }
 
-/// One service's figures for one UTC day.
-#[derive(Debug, Clone, Serialize, ToSchema)]
-pub struct DailyRow {
-    pub day: NaiveDate,
-    pub checks: i64,
-    pub failures: i64,
-    pub avg_ms: Option<f64>,
-    pub p95_ms: Option<f64>,
-}
-
 /// A stored API token (never its secret).
 #[derive(Debug, Clone)]
 pub struct TokenRow {
@@ -218,18 +208,10 @@ fn status_name(code: i16) -> &'static str {
     }
 }
 
-impl Store {
-    /// Active services with their state, in node then id order; `only` limits it to one
-    /// service; `with_24h` adds the checks and failures of the last 24 hours.
-    pub async fn health(
-        &self,
-        only: Option<&str>,
-        with_24h: bool,
-    ) -> Result<Vec<HealthRow>, StoreError> {
-        let client = self.pool.get().await?;
-        let rows = client
-            .query(
-                "SELECT s.id, s.name, s.node, s.category, s.description,
+/// The service list with its 24-hour figures (`$1` one service id or NULL, `$2` whether to
+/// add the figures): state and the hourly roll-ups only, never `check_results` (public so
+/// that a test can EXPLAIN it).
+pub const HEALTH_SQL: &str = "SELECT s.id, s.name, s.node, s.category, s.description,
                         COALESCE(st.state, 'unknown'), COALESCE(st.mode, 'active'), st.paused_until,
                         COALESCE(st.flapping, false), COALESCE(st.consecutive_failures, 0),
                         COALESCE(st.consecutive_successes, 0), st.last_status, st.last_check_at,
@@ -244,16 +226,26 @@ impl Store {
                  LEFT JOIN service_state st ON st.service_id = s.id
                  LEFT JOIN nodes n ON n.name = s.node
                  LEFT JOIN maintenance_windows mw ON mw.id = st.maintenance_id
-                 LEFT JOIN LATERAL (
-                    SELECT count(*) AS total, count(*) FILTER (WHERE r.status >= 2) AS failed
-                    FROM check_results r
-                    WHERE $2 AND r.service_id = s.id AND r.started_at > now() - interval '24 hours'
-                 ) c ON true
+                 LEFT JOIN (
+                    SELECT r.service_id, sum(r.checks)::int8 AS total,
+                           sum(r.failures)::int8 AS failed
+                    FROM rollup_hourly r
+                    WHERE $2 AND r.hour >= date_trunc('hour', now(), 'UTC') - interval '23 hours' AND ($1::text IS NULL OR r.service_id = $1)
+                    GROUP BY r.service_id
+                 ) c ON c.service_id = s.id
                  WHERE s.active AND ($1::text IS NULL OR s.id = $1)
-                 ORDER BY s.node, s.id",
-                &[&only, &with_24h],
-            )
-            .await?;
+                 ORDER BY s.node, s.id";
+
+impl Store {
+    /// Active services with their state, in node then id order; `only` limits it to one
+    /// service; `with_24h` adds the checks and failures of the last 24 hours.
+    pub async fn health(
+        &self,
+        only: Option<&str>,
+        with_24h: bool,
+    ) -> Result<Vec<HealthRow>, StoreError> {
+        let client = self.pool.get().await?;
+        let rows = client.query(HEALTH_SQL, &[&only, &with_24h]).await?;
         Ok(rows
             .iter()
             .map(|r| HealthRow {
@@ -422,51 +414,6 @@ impl Store {
                 results_refused: r.get(19),
                 clock_offset_ms: r.get(20),
                 clock_checked_at: r.get(21),
-            })
-            .collect())
-    }
-
-    /// Recomputes the daily roll-ups of the last `days` UTC days (today included) from the
-    /// stored results; returns the rows written.
-    pub async fn roll_up_daily(&self, days: i32) -> Result<u64, StoreError> {
-        let client = self.pool.get().await?;
-        Ok(client
-            .execute(
-                "INSERT INTO daily_stats (service_id, day, checks, failures, avg_ms, p95_ms, updated_at)
-                 SELECT service_id, (started_at AT TIME ZONE 'UTC')::date, count(*),
-                        count(*) FILTER (WHERE status >= 2), avg(duration_ms),
-                        percentile_cont(0.95) WITHIN GROUP (ORDER BY duration_ms), now()
-                 FROM check_results
-                 WHERE started_at >= (date_trunc('day', now() AT TIME ZONE 'UTC') - make_interval(days => $1 - 1))
-                                     AT TIME ZONE 'UTC'
-                 GROUP BY 1, 2
-                 ON CONFLICT (service_id, day) DO UPDATE SET checks = EXCLUDED.checks,
-                   failures = EXCLUDED.failures, avg_ms = EXCLUDED.avg_ms, p95_ms = EXCLUDED.p95_ms,
-                   updated_at = now()",
-                &[&days.max(1)],
-            )
-            .await?)
-    }
-
-    /// A service's daily roll-ups of the last `days` days, newest first.
-    pub async fn daily_of(&self, service_id: &str, days: i32) -> Result<Vec<DailyRow>, StoreError> {
-        let client = self.pool.get().await?;
-        let rows = client
-            .query(
-                "SELECT day, checks, failures, avg_ms, p95_ms FROM daily_stats
-                 WHERE service_id = $1 AND day > (now() AT TIME ZONE 'UTC')::date - $2::int4
-                 ORDER BY day DESC",
-                &[&service_id, &days],
-            )
-            .await?;
-        Ok(rows
-            .iter()
-            .map(|r| DailyRow {
-                day: r.get(0),
-                checks: r.get(1),
-                failures: r.get(2),
-                avg_ms: r.get(3),
-                p95_ms: r.get(4),
             })
             .collect())
     }

@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use crate::rollup::MetricSummary;
 use axum::Json;
 use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
@@ -676,8 +677,8 @@ pub struct DaysQuery {
 #[utoipa::path(get, path = "/api/services/{id}/daily", params(("id" = String, Path), DaysQuery),
     responses((status = 200, body = [DailyRow]), (status = 404, body = ErrorBody)),
     security(("bearer" = [])), tag = "history")]
-/// A service's daily roll-ups (checks, failures, average and p95 response time), newest first.
-/// Recomputed every five minutes while the day is recent.
+/// A service's daily roll-ups (checks, failures, min/avg/p95/max response time, numeric
+/// perfdata by label, time in each state), newest first. Merged as results are stored.
 async fn daily(
     State(state): State<AppState>,
     caller: Caller,
@@ -854,7 +855,7 @@ impl utoipa::Modify for SecurityAddon {
           events, service_commands, daily, nodes, incidents, incident, ack_incident),
     components(schemas(ErrorBody, ServiceHealth, CommandRow, CheckNow, ForceCheck, HealthConfigBody,
                        HealthConfigView, CommandCreated, ResultsPage, EventsPage, ResultRow, EventRow,
-                       DailyRow, NodeRow, NodeView, NodeEventRow, IncidentRow, IncidentDetail,
+                       DailyRow, MetricSummary, NodeRow, NodeView, NodeEventRow, IncidentRow, IncidentDetail,
                        AlertRow, AttemptRow)),
     modifiers(&SecurityAddon)
 )]

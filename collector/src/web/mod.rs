@@ -1,6 +1,6 @@
 //! The operator surface over HTTP (axum): the REST API under `/api` (OpenAPI document at
 //! `/api/openapi.json`), the server-rendered dashboard with live updates, login with a token
-//! into a session cookie, and the background daily roll-ups.
+//! into a session cookie.
 
 pub mod api;
 pub mod auth;
@@ -10,7 +10,6 @@ pub mod maintenance;
 pub mod settings;
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::Json;
 use axum::http::{StatusCode, header};
@@ -176,27 +175,4 @@ async fn security_headers(mut r: Response) -> Response {
     h.entry(header::CACHE_CONTROL)
         .or_insert(header::HeaderValue::from_static("no-store"));
     r
-}
-
-/// How often the daily roll-ups are recomputed.
-const ROLL_UP_EVERY: Duration = Duration::from_secs(300);
-
-/// Background work of the operator surface: the daily roll-ups (today and yesterday, every
-/// five minutes; the last week at start-up).
-pub fn start_background(hub: Arc<Hub>) {
-    tokio::spawn(async move {
-        let mut days = 7;
-        let mut every = tokio::time::interval(ROLL_UP_EVERY);
-        loop {
-            tokio::select! {
-                _ = hub.shutdown.cancelled() => return,
-                _ = every.tick() => {}
-            }
-            match hub.store.roll_up_daily(days).await {
-                Ok(n) => tracing::debug!(rows = n, days, "daily roll-ups updated"),
-                Err(e) => tracing::warn!(error = %e, "cannot update the daily roll-ups"),
-            }
-            days = 2;
-        }
-    });
 }
