@@ -202,6 +202,34 @@ pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
+/// A free TCP port on 127.0.0.1 (for a process that must be told its port before it starts).
+pub fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// A child process, SIGKILLed (and reaped) on drop.
+pub struct Killed(pub std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `vigil-collector serve --config CONFIG` with `RUST_LOG=warn`, killed on drop.
+pub fn spawn_collector(config: &Path) -> anyhow::Result<Killed> {
+    Ok(Killed(
+        std::process::Command::new(binary("vigil-collector")?)
+            .args(["serve", "--config"])
+            .arg(config)
+            .env("RUST_LOG", "warn")
+            .spawn()?,
+    ))
+}
+
 /// The state of a service in `service_state` (`unknown`, `healthy`, `failing`, `down`).
 pub async fn state(db: &tokio_postgres::Client, service: &str) -> anyhow::Result<String> {
     Ok(db

@@ -14,7 +14,9 @@ use anyhow::Context;
 use serde_json::Value;
 use vigil_collector::web::auth::{Role, create_token};
 use vigil_collector::{Collector, Config, Store};
-use vigil_tests::{Workspace, connected, init, pg, start_agent, wait_for};
+use vigil_tests::{
+    Killed, Workspace, connected, free_port, init, pg, spawn_collector, start_agent, wait_for,
+};
 
 const LIMIT: Duration = Duration::from_secs(60);
 
@@ -119,32 +121,6 @@ fn collector_yaml(ws: &Workspace, db: &str, notify: &str) -> anyhow::Result<std:
 
 async fn count(db: &tokio_postgres::Client, sql: &str) -> anyhow::Result<i64> {
     Ok(db.query_one(sql, &[]).await?.get(0))
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
-/// The collector binary, killed (SIGKILL) on drop.
-struct Proc(std::process::Child);
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn spawn_collector(config: &Path) -> anyhow::Result<Proc> {
-    Ok(Proc(
-        std::process::Command::new(vigil_tests::binary("vigil-collector")?)
-            .arg("serve")
-            .arg("--config")
-            .arg(config)
-            .env("RUST_LOG", "warn")
-            .spawn()?,
-    ))
 }
 
 /// The receiver answers 503 while the service goes down; the collector is SIGKILLed and
@@ -588,7 +564,7 @@ while True:
 "#,
     )?;
     let certs = ws.certs();
-    let _smtpd = Proc(
+    let _smtpd = Killed(
         std::process::Command::new("/usr/bin/python3")
             .arg(&script)
             .arg(certs.join("collector.pem"))

@@ -2,38 +2,13 @@
 //! it streams to is SIGKILLed, it carries on with the other; rounds of kill and restart move it
 //! back and forth, and its results stay contiguous (nothing lost, nothing stored twice).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use vigil_agent::ConnState;
-use vigil_tests::{Workspace, init, pg, start_agent, wait_for};
+use vigil_tests::{Workspace, free_port, init, pg, spawn_collector, start_agent, wait_for};
 
 const LIMIT: Duration = Duration::from_secs(60);
-
-/// The collector binary, SIGKILLed on drop.
-struct Proc(std::process::Child);
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
-fn spawn_collector(config: &Path) -> anyhow::Result<Proc> {
-    Ok(Proc(
-        std::process::Command::new(vigil_tests::binary("vigil-collector")?)
-            .args(["serve", "--config"])
-            .arg(config)
-            .env("RUST_LOG", "warn")
-            .spawn()?,
-    ))
-}
 
 /// A collector config listening for agents on `port`, the rest as `template`.
 fn collector_on(ws: &Workspace, template: &str, port: u16, name: &str) -> anyhow::Result<PathBuf> {

@@ -11,7 +11,7 @@ use anyhow::Context;
 use serde_json::Value;
 use vigil_collector::Store;
 use vigil_collector::web::auth::{Role, create_token};
-use vigil_tests::{Workspace, connected, init, pg, start_agent, wait_for};
+use vigil_tests::{Killed, Workspace, connected, free_port, init, pg, start_agent, wait_for};
 
 const LIMIT: Duration = Duration::from_secs(60);
 
@@ -57,21 +57,6 @@ async fn receiver(got: Got) -> anyhow::Result<String> {
     let base = format!("http://{}", listener.local_addr()?);
     tokio::spawn(async move { axum::serve(listener, app).await });
     Ok(base)
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
-/// The collector binary with its log in a file, killed on drop.
-struct Proc(std::process::Child);
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 fn secret_file(dir: &Path, name: &str, value: &str) -> anyhow::Result<std::path::PathBuf> {
@@ -195,7 +180,7 @@ async fn secrets_from_files_and_environment_reach_receivers_and_nowhere_else() -
 
     let log_path = ws.path().join("collector.log");
     let log = std::fs::File::create(&log_path)?;
-    let _collector = Proc(
+    let _collector = Killed(
         std::process::Command::new(vigil_tests::binary("vigil-collector")?)
             .args(["serve", "--config"])
             .arg(&path)
